@@ -1,0 +1,29 @@
+"""Data modules and the registry that maps ``data.kind`` to them."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+
+def _lm(section: dict[str, Any], seed: int) -> L.LightningDataModule:
+    from longctx.data.lm import LMDataModule
+
+    accepted = set(inspect.signature(LMDataModule).parameters)
+    return LMDataModule(seed=seed, **{k: v for k, v in section.items() if k in accepted})
+
+
+DATA: dict[str, Callable[[dict[str, Any], int], L.LightningDataModule]] = {"lm": _lm}
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The LightningDataModule of a run config's ``data`` section (seeded by the run's ``seed``)."""
+    section = OmegaConf.to_container(cfg.data, resolve=True)
+    kind = section.pop("kind")
+    if kind not in DATA:
+        raise ValueError(f"data.kind='{kind}' is unknown; choose from: {', '.join(DATA)}")
+    return DATA[kind](section, cfg.seed)
