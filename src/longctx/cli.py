@@ -10,6 +10,7 @@ A run lives in one directory (``runs/<name>-<timestamp>`` unless ``run_dir=`` is
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import sys
@@ -109,6 +110,23 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any]
     )
 
 
+def _reuse_freed_cpu_memory() -> None:
+    """On glibc, serve large CPU tensors from the heap and never trim it.
+
+    By default glibc mmaps every allocation over 32 MiB and unmaps it on free, so each training
+    step on CPU faults in its big tensors (the (tokens x vocab) logits and their gradient) page by
+    page again: measured here, half of a tiny GPT-2 step was kernel time. Reusing freed memory
+    halves the step. No effect elsewhere (macOS, musl) or on GPU memory.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
@@ -132,6 +150,7 @@ def train(argv: Sequence[str]) -> dict[str, float]:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(f"run directory: {run_dir}" + (f" (resuming from {ckpt})" if ckpt else ""))
 
+    _reuse_freed_cpu_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task(cfg)
     trainer = build_trainer(cfg, run_dir)
@@ -171,7 +190,7 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
         out = Path(str(pairs.pop("out", run_dir / "eval.json")))
         import torch
 
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         cfg = OmegaConf.create(state["longctx_config"])
         apply_overrides(cfg, list(pairs.items()))
         validate(cfg)
@@ -184,6 +203,7 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
 
     import lightning as L
 
+    _reuse_freed_cpu_memory()
     task = build_task(cfg)
     task.load_state_dict(state["state_dict"])
     trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=_precision(cfg),
