@@ -1,0 +1,6 @@
+// Backward instance: head dim 32, bf16. One translation unit per instance so builds parallelise.
+#include "flash_bwd.cuh"
+
+namespace longctx {
+template void run_flash_bwd_hdim<32, __nv_bfloat16>(const FlashBwdParams&, cudaStream_t);
+}  // namespace longctx

@@ -1,0 +1,133 @@
+// Scratch tuning harness for the forward tile shapes (not part of the extension): times several
+// FwdTraits variants of one head dim on bf16 random data with FlashAttention's benchmark shapes
+// (16k tokens, hidden 2048) and checks each against the first variant.
+//   nvcc -O3 --use_fast_math -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DHDIM=128 \
+//        -I kernels kernels/tune/fwd_tune.cu -o fwd_tune && ./fwd_tune
+#include <cstdio>
+#include <algorithm>
+#include <vector>
+
+#include "../flash_fwd.cuh"
+
+using namespace longctx;
+using bf16 = __nv_bfloat16;
+
+#ifndef HDIM
+#define HDIM 128
+#endif
+
+#define CK(x)                                                                            \
+  do {                                                                                   \
+    cudaError_t e = (x);                                                                 \
+    if (e != cudaSuccess) {                                                              \
+      printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__);    \
+      exit(1);                                                                           \
+    }                                                                                    \
+  } while (0)
+
+__global__ void fill(bf16* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13; h *= 3266489917u; h ^= h >> 16;
+    x[i] = __float2bfloat16((h & 0xFFFF) / 32768.f - 1.f + 0.25f);
+  }
+}
+
+__global__ void max_diff(const bf16* a, const bf16* b, size_t n, float* out) {
+  float m = 0.f;
+  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    m = fmaxf(m, fabsf(__bfloat162float(a[i]) - __bfloat162float(b[i])));
+  m = warp_max(m);
+  if (threadIdx.x % 32 == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
+}
+
+template <typename Tr>
+void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
+  bool causal = p.is_causal;
+  auto go = [&] {
+    if (causal) launch_flash_fwd<Tr, true, false>(p, 0);
+    else launch_flash_fwd<Tr, false, false>(p, 0);
+  };
+  for (int i = 0; i < 3; ++i) go();
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  const int iters = 20;
+  std::vector<float> ms(iters);
+  for (int i = 0; i < iters; ++i) {
+    cudaEventRecord(e0);
+    go();
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    cudaEventElapsedTime(&ms[i], e0, e1);
+  }
+  std::sort(ms.begin(), ms.end());
+  float med = ms[iters / 2];
+  float* d;
+  CK(cudaMalloc(&d, 4));
+  CK(cudaMemset(d, 0, 4));
+  if (ref == nullptr) {  // the first variant: keep its output as the reference
+    CK(cudaMemcpy(static_cast<bf16*>(p.o) + n, p.o, n * 2, cudaMemcpyDeviceToDevice));
+  } else {
+    max_diff<<<256, 256>>>(ref, static_cast<bf16*>(p.o), n, d);
+  }
+  float diff = 0.f;
+  CK(cudaMemcpy(&diff, d, 4, cudaMemcpyDeviceToHost));
+  cudaFree(d);
+  printf("  %-34s %7.3f ms %6.1f TFLOP/s  maxdiff %.2e\n", name, med, flops / med * 1e-9, diff);
+}
+
+template <int D>
+void sweep() {
+  for (int causal = 0; causal < 2; ++causal)
+    for (int S : {1024, 4096, 16384}) {
+      const int B = 16384 / S, H = 2048 / D;
+      const size_t n = static_cast<size_t>(B) * S * H * D;
+      bf16 *q, *k, *v, *o;
+      float* lse;
+      CK(cudaMalloc(&q, n * 2));
+      CK(cudaMalloc(&k, n * 2));
+      CK(cudaMalloc(&v, n * 2));
+      CK(cudaMalloc(&o, n * 4));  // second half keeps the first variant's output
+      CK(cudaMalloc(&lse, static_cast<size_t>(B) * H * S * 4));
+      fill<<<1024, 256>>>(q, n, 1);
+      fill<<<1024, 256>>>(k, n, 2);
+      fill<<<1024, 256>>>(v, n, 3);
+      FlashFwdParams p{};
+      p.q = q; p.k = k; p.v = v; p.o = o; p.lse = lse;
+      p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.o_batch_stride = static_cast<int64_t>(S) * H * D;
+      p.q_row_stride = p.k_row_stride = p.v_row_stride = p.o_row_stride = H * D;
+      p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = D;
+      p.lse_batch_stride = static_cast<int64_t>(H) * S;
+      p.lse_head_stride = S;
+      p.batch = B; p.num_heads_q = p.num_heads_k = H; p.head_dim = D;
+      p.seqlen_q = p.seqlen_k = S;
+      p.softmax_scale = 1.f / sqrtf(D);
+      p.softmax_scale_log2 = p.softmax_scale * 1.44269504f;
+      p.is_causal = causal; p.is_bf16 = true;
+      const float flops = 4.f * B * H * static_cast<float>(S) * S * D / (causal ? 2.f : 1.f);
+      printf("D=%d causal=%d S=%d B=%d H=%d\n", D, causal, S, B, H);
+      bf16* ref = o + n;
+      if constexpr (D == 128) {
+        run<FwdTraits<128, 128, 64, 4, false, bf16, 2, 1, false>>("128x64 u2 1-stage eager (sm90 default)", p, nullptr, n,
+                                                                  flops);
+        run<FwdTraits<128, 128, 64, 4, false, bf16, 2, 1, true>>("128x64 u2 1-stage lazy", p, ref, n, flops);
+        run<FwdTraits<128, 128, 64, 4, false, bf16, 4, 1, true>>("128x64 u4 1-stage lazy", p, ref, n, flops);
+        run<FwdTraits<128, 128, 64, 4, false, bf16, 2, 2, true>>("128x64 u2 2-stage lazy", p, ref, n, flops);
+        run<FwdTraits<128, 128, 32, 4, false, bf16>>("128x32 (sm8x default)", p, ref, n, flops);
+      } else {
+        run<FwdTraits<64, 128, 64, 4, true, bf16, 0, 2, false>>("128x64 q-regs 2-stage eager (default)", p, nullptr,
+                                                                n, flops);
+        run<FwdTraits<64, 128, 64, 4, true, bf16, 0, 2, true>>("128x64 q-regs 2-stage lazy", p, ref, n, flops);
+        run<FwdTraits<64, 256, 64, 8, true, bf16, 0, 2, true>>("256x64 w8 q-regs 2-stage lazy", p, ref, n, flops);
+      }
+      cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse);
+    }
+}
+
+int main() {
+  sweep<HDIM>();
+  return 0;
+}
