@@ -101,7 +101,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any]
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=_precision(cfg), max_steps=t.max_steps, max_epochs=-1,
-        gradient_clip_val=t.grad_clip or None, accumulate_grad_batches=t.accumulate_grad_batches,
+        accumulate_grad_batches=t.accumulate_grad_batches,  # gradient clipping: the task's own
         val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, callbacks=callbacks, logger=False,

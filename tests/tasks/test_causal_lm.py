@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from longctx.models.gpt2 import GPT2, GPT2Config
 from longctx.tasks.causal_lm import decay_groups, warmup_cosine
@@ -32,3 +33,19 @@ def test_warmup_then_cosine_to_the_floor():
     mid = 10 + 25
     expected = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi / 4))
     assert warmup_cosine(mid, warm, total, floor) == pytest.approx(expected)
+
+
+def test_gradients_are_clipped_to_the_configured_norm():
+    from longctx.config import compose
+    from longctx.tasks import build_task
+
+    cfg = compose(["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "trainer.grad_clip=0.5"])
+    task = build_task(cfg)
+    task.log = lambda *args, **kwargs: None  # no Trainer attached
+    x = torch.randint(0, 50257, (2, 16))
+    (task.model.loss(x, x) * 1000).backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in task.parameters()])
+    assert norm > 0.5
+    task.on_before_optimizer_step(None)
+    clipped = torch.nn.utils.get_total_norm([p.grad for p in task.parameters()])
+    assert clipped == pytest.approx(0.5, rel=1e-4)

@@ -93,6 +93,14 @@ class CausalLM(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the gradient norm here rather than through the Trainer, whose mixed-precision
+        plugin refuses to clip for fused optimizers (bf16 has no grad scaler, so nothing is lost)."""
+        max_norm = self.config["trainer"].get("grad_clip")
+        if max_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+            self.log("train/grad_norm", norm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.task_cfg
         fused = self.device.type == "cuda"
