@@ -71,23 +71,18 @@ __device__ __forceinline__ int opaque(int x) {
 // The thread index goes through opaque() so that each call recomputes its chunks' coordinates
 // and 64-bit addresses where it runs, instead of the compiler sharing them between calls (say the
 // prologue's K load and the epilogue's dK store) and holding them in registers in between.
-// kUnsigned: copy_coords in unsigned arithmetic (idx >= 0): shifts and masks instead of signed
-// division fix-ups (about 300 fewer instructions per dK/dV kernel at head dim 128).
-template <typename Tile, int kThreads, typename T, bool kUnsigned = true>
+// Coordinates in unsigned arithmetic (idx >= 0): shifts and masks instead of signed division
+// fix-ups (about 300 fewer instructions per dK/dV kernel at head dim 128).
+template <typename Tile, int kThreads, typename T>
 __device__ __forceinline__ void copy_tile(T* smem, const T* gmem, int64_t row_stride, int row0, int rows, int tid) {
   constexpr int kTotal = Tile::kElems / 8;
 #pragma unroll
   for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
     const int idx = it * kThreads + opaque(tid);
     if (kTotal % kThreads == 0 || idx < kTotal) {
-      int r, c;
-      if constexpr (kUnsigned) {
-        const unsigned u = static_cast<unsigned>(idx), rest = u / Tile::kBlockChunks;
-        r = static_cast<int>(rest % Tile::kRows);
-        c = static_cast<int>((rest / Tile::kRows) * Tile::kBlockCols + (u % Tile::kBlockChunks) * 8);
-      } else {
-        Tile::copy_coords(idx, r, c);
-      }
+      const unsigned u = static_cast<unsigned>(idx), rest = u / Tile::kBlockChunks;
+      const int r = static_cast<int>(rest % Tile::kRows);
+      const int c = static_cast<int>((rest / Tile::kRows) * Tile::kBlockCols + (u % Tile::kBlockChunks) * 8);
       const int row = row0 + r;
       const bool pred = row < rows;
       const T* src = gmem + (pred ? static_cast<int64_t>(row) * row_stride + c : 0);
@@ -203,6 +198,30 @@ __global__ void __launch_bounds__(kRowKernelThreads) flash_bwd_convert_dq_kernel
 // 2. dK, dV (+ dQ with atomics): one block per key tile
 // ----------------------------------------------------------------------------------------------
 
+// acc = A B^T for one warp: A is this warp's 16 rows (x D) of an ATile at shared address a, B is
+// kMTiles*8 rows (x D) of a BTile at b; both swizzled, read with ldmatrix. The backward's two
+// "transposed scores" products: S^T = K Q^T and dP^T = V dO^T.
+template <typename T, typename ATile, typename BTile, int kKSteps, int kMTiles>
+__device__ __forceinline__ void warp_gemm_nt(float (&acc)[kMTiles][4], uint32_t a, uint32_t b) {
+#pragma unroll
+  for (int j = 0; j < kMTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) {
+    uint32_t af[4];
+    ldmatrix_x4(af, ATile::frag_offset(a, 0, 2 * kk));
+#pragma unroll
+    for (int np = 0; np < kMTiles / 2; ++np) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, BTile::frag_offset(b, 16 * np, 2 * kk));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_m16n8k16<T>(acc[2 * np], af, b0);
+      mma_m16n8k16<T>(acc[2 * np + 1], af, b1);
+    }
+  }
+}
+
 template <int kHeadDim_, typename T_, int kBlockM_, int kMinBlocks_ = 1>
 struct BwdTraits {
   using T = T_;
@@ -236,10 +255,10 @@ struct BwdTraits {
   static_assert(kdQTiles % 2 == 0 && kdQStrips >= 1, "dQ warp tiling");
 };
 
-// Variant bits (kVariant): 1 = deferred dQ: iteration m's dQ product + atomics run at the top of
+// Variant bit (kVariant & 1): deferred dQ: iteration m's dQ product + atomics run at the top of
 // iteration m + 1 (dS^T double-buffered), so one barrier per iteration instead of two and the warps
-// drift apart instead of meeting at the dQ barrier; 2 = dQ added with 16-byte vector atomics on
-// sm_90 (lane pairs swap half their accumulators with one shuffle pair).
+// drift apart instead of meeting at the dQ barrier. (16-byte vector dQ atomics measured 0 to -1%:
+// kernels/NOTES_bwd.md.)
 template <typename Tr, bool kIsCausal, bool kHasDropout, int kVariant>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_kernel(const FlashBwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -250,8 +269,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
 #else
   constexpr bool kDeferDq = (kVariant & 1) != 0;
 #endif
-  constexpr bool kVec4 = (kVariant & 2) != 0;
-  constexpr bool kFastIdx = (kVariant & 8) != 0;  // unsigned per-thread index arithmetic
   using T = typename Tr::T;
   using KTile = typename Tr::KTile;
   using QTile = typename Tr::QTile;
@@ -329,8 +346,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
     // Every per-thread index is re-derived each iteration from an opaque thread index: otherwise
     // the compiler hoists dozens of loop-invariant per-lane addresses and spills them.
     const int tid = opaque(tid0);
-    const int warp = kFastIdx ? static_cast<unsigned>(tid) / 32 : tid / 32;
-    const int lane = kFastIdx ? static_cast<unsigned>(tid) % 32 : tid % 32, g = lane / 4, t4 = lane % 4;
+    const int warp = static_cast<unsigned>(tid) / 32;  // unsigned: no signed-division fix-ups
+    const int lane = static_cast<unsigned>(tid) % 32, g = lane / 4, t4 = lane % 4;
     // Fragment addressing (mma.cuh frag_offset): per-lane byte offsets of the ldmatrix row each lane
     // supplies. A / trans-B pattern: row lane % 16, chunk lane / 16. Non-trans-B / trans-A pattern:
     // row (lane % 8) + 8 (lane / 16), chunk (lane / 8) % 2.
@@ -393,27 +410,6 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
       }
       const int64_t dq_row_stride = static_cast<int64_t>(p.num_heads_q) * D;
       float* dq_acc = p.dq_accum + (s.dq_accum_row(b, p.seqlen_q) + r0) * dq_row_stride + h * D + dcol;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      if constexpr (kVec4) {
-        // Lanes t4 = 2c, 2c + 1 swap: the even lane ends with row g, columns 4c..4c+3 of the n8
-        // tile, the odd one with row g + 8, the same columns; one 16-byte atomic each.
-        const bool odd = t4 & 1;
-#pragma unroll
-        for (int st = 0; st < Tr::kdQStrips; ++st) {
-          const int r = qrow + st * 16 + g + (odd ? 8 : 0);
-          const bool ok = r0 + r < s.seqlen_q;
-          float* dst = dq_acc + static_cast<int64_t>(r) * dq_row_stride + 4 * (t4 / 2);
-#pragma unroll
-          for (int d = 0; d < Tr::kdQTiles; ++d) {
-            const float* c = acc_dq[st][d];
-            const float x = __shfl_xor_sync(0xffffffffu, odd ? c[0] : c[2], 1);
-            const float y = __shfl_xor_sync(0xffffffffu, odd ? c[1] : c[3], 1);
-            const float4 v = odd ? make_float4(x, y, c[2], c[3]) : make_float4(c[0], c[1], x, y);
-            if (ok) atomicAdd(reinterpret_cast<float4*>(dst + d * 8), v);
-          }
-        }
-      } else
-#endif
       {
 #pragma unroll
         for (int st = 0; st < Tr::kdQStrips; ++st)
@@ -442,8 +438,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
       const T* dop =
           static_cast<const T*>(p.dout) + si.tok(bi, si.q_start, p.do_batch_stride, p.do_row_stride, h, p.do_head_stride);
       const int nrow0 = row0 + kBlockM;
-      copy_tile<QTile, kThreads, T, kFastIdx>(sQ + (stage ^ 1) * QTile::kElems, qp, p.q_row_stride, nrow0, si.seqlen_q, tid);
-      copy_tile<QTile, kThreads, T, kFastIdx>(sdO + (stage ^ 1) * QTile::kElems, dop, p.do_row_stride, nrow0, si.seqlen_q, tid);
+      copy_tile<QTile, kThreads>(sQ + (stage ^ 1) * QTile::kElems, qp, p.q_row_stride, nrow0, si.seqlen_q, tid);
+      copy_tile<QTile, kThreads>(sdO + (stage ^ 1) * QTile::kElems, dop, p.do_row_stride, nrow0, si.seqlen_q, tid);
       copy_row_stats<kBlockM, kThreads>(sLse + (stage ^ 1) * kBlockM, p.lse + lo, nrow0, si.seqlen_q, tid);
       copy_row_stats<kBlockM, kThreads>(sDsum + (stage ^ 1) * kBlockM, p.dsoftmax_sum + lo, nrow0, si.seqlen_q, tid);
     }
@@ -481,23 +477,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
 
     // (1) S^T = K Q^T for this warp's 16 keys x kBlockM queries.
     float acc_s[kMTiles][4];
-#pragma unroll
-    for (int j = 0; j < kMTiles; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[j][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < Tr::kKSteps; ++kk) {
-      uint32_t ka[4];
-      ldmatrix_x4(ka, KTile::frag_offset(K_a, 0, 2 * kk));
-#pragma unroll
-      for (int np = 0; np < kMTiles / 2; ++np) {
-        uint32_t qb[4];
-        ldmatrix_x4(qb, QTile::frag_offset(Q_b, 16 * np, 2 * kk));
-        const uint32_t q0[2] = {qb[0], qb[1]}, q1[2] = {qb[2], qb[3]};
-        mma_m16n8k16<T>(acc_s[2 * np], ka, q0);
-        mma_m16n8k16<T>(acc_s[2 * np + 1], ka, q1);
-      }
-    }
+    warp_gemm_nt<T, KTile, QTile, Tr::kKSteps>(acc_s, K_a, Q_b);
 
     // (2) Masks (key past the sequence end; causal: key right of the query's diagonal), then
     // P^T = exp2(S^T scale_log2 - lse2), kept packed as the A operand of dV.
@@ -560,23 +540,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
 
     // (4) dP^T = V dO^T.
     float acc_dp[kMTiles][4];
-#pragma unroll
-    for (int j = 0; j < kMTiles; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[j][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < Tr::kKSteps; ++kk) {
-      uint32_t va[4];
-      ldmatrix_x4(va, KTile::frag_offset(V_a, 0, 2 * kk));
-#pragma unroll
-      for (int np = 0; np < kMTiles / 2; ++np) {
-        uint32_t db[4];
-        ldmatrix_x4(db, QTile::frag_offset(dO_b, 16 * np, 2 * kk));
-        const uint32_t d0[2] = {db[0], db[1]}, d1[2] = {db[2], db[3]};
-        mma_m16n8k16<T>(acc_dp[2 * np], va, d0);
-        mma_m16n8k16<T>(acc_dp[2 * np + 1], va, d1);
-      }
-    }
+    warp_gemm_nt<T, KTile, QTile, Tr::kKSteps>(acc_dp, V_a, dO_b);
 
     // (5) dS^T = P^T (dP^T Z / (1 - p) - D), packed as the A operand of dK and stored to sdS.
     uint32_t ds_frag[kMSteps][4];
@@ -879,7 +843,7 @@ void launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
   constexpr bool kTwoBlocks = D == 64 && (kVariant & 4);  // 32-query iterations, 2 blocks per SM
   constexpr int kBlockM = ((D == 128 && kHasDropout) || kTwoBlocks) ? 32 : 64;
   using Tr = BwdTraits<D, T, kBlockM, kTwoBlocks ? 2 : 1>;
-  auto dkdv = flash_bwd_dkdv_kernel<Tr, kIsCausal, kHasDropout, kVariant & 11>;
+  auto dkdv = flash_bwd_dkdv_kernel<Tr, kIsCausal, kHasDropout, kVariant & 1>;
   set_smem(dkdv, Tr::kSmemBytes);
   const dim3 grid_kv((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.num_heads_q);
   dkdv<<<grid_kv, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
@@ -890,12 +854,12 @@ void launch_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   // Query rows per iteration (launch_dkdv): 32 for head dim 128 with dropout (else the Philox work
   // spills registers) and for head dim 64 without dropout (128 registers, 2 blocks per SM), else 64.
   // dK / dV kernel variant (flash_bwd_dkdv_kernel's kVariant; bit 4 = head dim 64 in 32-query
-  // iterations with 2 blocks per SM): deferred dQ (1) with unsigned index arithmetic (8)
-  // everywhere; head dim 64 without dropout also 2 blocks per SM, causal not deferred (12: the
+  // iterations with 2 blocks per SM): deferred dQ (1) everywhere; head dim 64 without dropout
+  // also 2 blocks per SM, causal not deferred (4: the
   // deferred form spills 8 B on sm_90a there); head dim 96 with dropout not deferred (spills 32 B on
   // sm_80). Measured variants: kernels/NOTES_bwd.md (v3-v5).
   constexpr int kVariant =
-      8 | ((D == 64 && !kHasDropout) ? (kIsCausal ? 4 : 5) : ((D == 96 && kHasDropout) ? 0 : 1));
+      (D == 64 && !kHasDropout) ? (kIsCausal ? 4 : 5) : ((D == 96 && kHasDropout) ? 0 : 1);
   launch_dkdv<D, T, kIsCausal, kHasDropout, kVariant>(p, stream);
 
   const dim3 grid_rows((p.seqlen_q + kRowsPerBlock - 1) / kRowsPerBlock, p.batch, p.num_heads_q);
