@@ -24,7 +24,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 GROUPS = ("model", "data", "task", "trainer")
-ATTN_IMPLS = ("auto", "flash", "reference", "standard", "sdpa")
+ATTN_IMPLS = ("auto", "flash", "reference", "standard", "sdpa", "blocksparse")
 PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
 
 

@@ -552,7 +552,7 @@ def invalid_calls() -> list:
         "max-padded": (_with(p, max_seqlen_q=8), "max_seqlen_q / max_seqlen_k are only allowed with"),
         "dropout-high": (_with(p, dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
         "dropout-neg": (_with(p, dropout_p=-0.1), r"dropout_p must be in \[0, 1\)"),
-        "block-mask": (_with(p, block_mask=torch.ones(1, 1, dtype=torch.bool)), "block_mask .* block-sparse"),
+        "block-mask": (_with(p, block_mask=torch.ones(1, 1, dtype=torch.bool)), "block_mask must have shape"),
         "sdpa-varlen": (_with(vl, impl="sdpa"), "impl='sdpa' takes padded batches"),
         "sdpa-lse": (_with(p, impl="sdpa", return_lse=True), "impl='sdpa' takes .* without return_lse"),
     }

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from longctx.models.bert import Bert, BertConfig
 from longctx.models.gpt2 import GPT2, GPT2Config
 
 
@@ -16,7 +17,12 @@ def _build_gpt2(cfg: Mapping[str, Any]) -> nn.Module:
     return GPT2(GPT2Config(**{k: v for k, v in cfg.items() if k in fields}))
 
 
-MODELS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {"gpt2": _build_gpt2}
+def _build_bert(cfg: Mapping[str, Any]) -> nn.Module:
+    fields = {f.name for f in dataclasses.fields(BertConfig)}
+    return Bert(BertConfig(**{k: v for k, v in cfg.items() if k in fields}))
+
+
+MODELS: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {"gpt2": _build_gpt2, "bert": _build_bert}
 
 
 def build_model(cfg: Mapping[str, Any]) -> nn.Module:

@@ -26,6 +26,7 @@ class GPT2Config:
     dropout: float = 0.0
     bias: bool = True
     attn: str = "auto"
+    attn_pattern: str | None = None  # attn="blocksparse" only: a spec of longctx.ops.blocksparse
 
     @property
     def padded_vocab_size(self) -> int:
@@ -43,7 +44,7 @@ class GPT2(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias, causal=True,
-                  attn_impl=config.attn)
+                  attn_impl=config.attn, attn_pattern=config.attn_pattern)
             for _ in range(config.n_layer)
         )
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)

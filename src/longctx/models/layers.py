@@ -11,32 +11,65 @@ import torch.nn.functional as F
 from torch import nn
 
 from longctx.ops import attention
+from longctx.ops.blocksparse import block_mask_from_pattern, parse_pattern
+
+# The implementation that runs block-sparse attention (attn="blocksparse"); becomes "auto" (flash on
+# CUDA) once the flash kernels take block masks.
+BLOCKSPARSE_IMPL = "reference"
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection.
 
     ``impl`` names the attention implementation (see ``longctx.ops.attention``); the choice never
-    changes the function computed, only its speed and memory.
+    changes the function computed, only its speed and memory. ``impl="blocksparse"`` is the
+    exception: it restricts attention to the blocks of ``attn_pattern`` (a pattern spec, see
+    ``longctx.ops.blocksparse``), whose block mask is built once per sequence length.
     """
 
     def __init__(self, n_embd: int, n_head: int, *, dropout: float = 0.0, bias: bool = True,
-                 causal: bool = True, impl: str = "auto") -> None:
+                 causal: bool = True, impl: str = "auto", attn_pattern: str | None = None) -> None:
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        if (impl == "blocksparse") != (attn_pattern is not None):
+            raise ValueError(f"attn_pattern must be given exactly when attn='blocksparse', got attn={impl!r} "
+                             f"and attn_pattern={attn_pattern!r}")
+        if attn_pattern is not None:
+            parse_pattern(attn_pattern)  # a bad spec fails at construction, not at the first step
+            impl = BLOCKSPARSE_IMPL
+        self.attn_pattern = attn_pattern
+        self._block_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.n_head, self.head_dim = n_head, n_embd // n_head
         self.causal, self.impl, self.dropout = causal, impl, dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.n_head, self.head_dim).unbind(dim=2)
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        """x: (batch, seqlen, n_embd), or packed (total_tokens, n_embd) with int32 ``cu_seqlens``
+        (batch + 1,) and ``max_seqlen`` (sequences attend only within themselves) -> x's shape."""
+        lead = x.shape[:-1]
+        q, k, v = self.qkv(x).view(*lead, 3, self.n_head, self.head_dim).unbind(dim=-3)
         y = attention(q, k, v, causal=self.causal, dropout_p=self.dropout if self.training else 0.0,
-                      impl=self.impl)
-        return self.resid_dropout(self.proj(y.reshape(b, s, -1)))
+                      cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                      max_seqlen_k=max_seqlen, block_mask=self._block_mask(x, cu_seqlens), impl=self.impl)
+        return self.resid_dropout(self.proj(y.reshape(*lead, -1)))
+
+
+    def _block_mask(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor | None:
+        """attn_pattern's bool (1, 1, ceil(S / 128), ceil(S / 128)) block mask for x (B, S, n_embd),
+        cached per (S, device); None without a pattern."""
+        if self.attn_pattern is None:
+            return None
+        if cu_seqlens is not None:
+            raise ValueError("attn='blocksparse' does not take packed varlen batches (cu_seqlens) yet")
+        key = (x.shape[1], x.device)
+        if key not in self._block_masks:
+            self._block_masks[key] = block_mask_from_pattern(
+                self.attn_pattern, x.shape[1], x.shape[1], causal=self.causal, device=x.device)
+        return self._block_masks[key]
 
 
 class MLP(nn.Module):
@@ -56,10 +89,11 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, n_embd: int, n_head: int, *, dropout: float = 0.0, bias: bool = True,
-                 causal: bool = True, attn_impl: str = "auto") -> None:
+                 causal: bool = True, attn_impl: str = "auto", attn_pattern: str | None = None) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = SelfAttention(n_embd, n_head, dropout=dropout, bias=bias, causal=causal, impl=attn_impl)
+        self.attn = SelfAttention(n_embd, n_head, dropout=dropout, bias=bias, causal=causal, impl=attn_impl,
+                                  attn_pattern=attn_pattern)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 

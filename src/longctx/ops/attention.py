@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from longctx.ops.blocksparse import check_block_mask
 from longctx.ops.reference import reference_attention, sdpa_attention, standard_attention
 
 IMPLS = ("auto", "flash", "reference", "standard", "sdpa")
@@ -98,6 +99,18 @@ def _check_varlen(
         raise ValueError(f"max_seqlen_{which} must be >= the longest length {max(lengths)}, got {max_seqlen}")
 
 
+def _check_block_mask_call(q: Tensor, k: Tensor, block_mask: object, varlen: bool, impl: str) -> None:
+    """block_mask's layout, and that the call can run block-sparse (padded, reference/standard)."""
+    if varlen:
+        raise ValueError("block_mask is not supported with packed varlen batches (cu_seqlens) yet; "
+                         "pass a padded (batch, seqlen, heads, head_dim) batch")
+    if impl in ("flash", "sdpa"):
+        raise ValueError(f"block_mask (block-sparse attention) runs on impl='reference' or 'standard' until "
+                         f"the flash kernels support it; got impl={impl!r}")
+    check_block_mask(block_mask, batch=q.shape[0], heads=q.shape[2], seqlen_q=q.shape[1],
+                     seqlen_k=k.shape[1], device=q.device)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -129,7 +142,11 @@ def attention(
         softmax_scale: defaults to 1 / sqrt(D).
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) prefix sums of the packed sequence lengths.
         max_seqlen_q, max_seqlen_k: the longest sequence of each (required with cu_seqlens).
-        block_mask: block-sparse attention; not supported yet.
+        block_mask: block-sparse attention, bool (B or 1, Hq or 1, ceil(Sq / 128), ceil(Sk / 128)):
+            query block i may attend to key block j iff [b, h, i, j] (blocks of 128 x 128; see
+            longctx.ops.blocksparse for builders); ANDed with causal. Padded batches and impl
+            "reference" / "standard" only for now ("auto" picks "reference"); rows that see no key
+            give output 0 and lse -inf.
         deterministic: ask the flash backward for a deterministic reduction order.
         return_lse: also return the softmax log-sum-exp (natural log, fp32, or fp64 for fp64
             inputs), (B, Hq, Sq) or (Hq, total_q) for varlen.
@@ -155,7 +172,7 @@ def attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if block_mask is not None:
-        raise ValueError("block_mask is not supported yet: it arrives with block-sparse attention")
+        _check_block_mask_call(q, k, block_mask, varlen, impl)
     if impl == "sdpa" and (varlen or return_lse):
         raise ValueError("impl='sdpa' takes padded batches without return_lse; use 'reference' or 'standard'")
 
@@ -170,6 +187,9 @@ def attention(
         "deterministic": deterministic,
         "return_lse": return_lse,
     }
+    if block_mask is not None:
+        kwargs["block_mask"] = block_mask
+        impl = "reference" if impl == "auto" else impl
     if impl == "auto":
         use_flash = q.is_cuda and q.dtype in _FLASH_DTYPES and _flash_backend() is not None
         impl = "flash" if use_flash else "reference"

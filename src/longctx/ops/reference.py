@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from longctx.ops.blocksparse import BLOCK_SIZE, expand_block_mask
 from longctx.ops.common import (
     Dropout,
     batch_head_index,
@@ -56,9 +57,20 @@ def _no_key_rows_to_zero(m: Tensor) -> Tensor:
 
 
 def _standard_one_batch(
-    q: Tensor, k: Tensor, v: Tensor, *, batch_start: int, causal: bool, scale: float, dropout: Dropout | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    batch_start: int,
+    causal: bool,
+    scale: float,
+    dropout: Dropout | None,
+    block_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Padded batch: q (B, Sq, Hq, D), k and v (B, Sk, Hk, D) -> out like q, lse (B, Hq, Sq)."""
+    """Padded batch: q (B, Sq, Hq, D), k and v (B, Sk, Hk, D) -> out like q, lse (B, Hq, Sq).
+
+    block_mask (B|1, Hq|1, ceil(Sq / 128), ceil(Sk / 128)) is expanded to elements: masked blocks at -inf.
+    """
     (_, seqlen_q, num_heads_q, _), (_, seqlen_k, num_heads_k, _) = q.shape, k.shape
     dtype = compute_dtype(q.dtype)
     group = num_heads_q // num_heads_k
@@ -70,7 +82,9 @@ def _standard_one_batch(
         visible = causal_visible(range(seqlen_q), range(seqlen_k), seqlen_q, seqlen_k, q.device)
     else:
         visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-    has_key = visible.any(dim=-1, keepdim=True)  # (Sq, 1)
+    if block_mask is not None:
+        visible = visible & expand_block_mask(block_mask, seqlen_q, seqlen_k)  # (B|1, Hq|1, Sq, Sk)
+    has_key = visible.any(dim=-1, keepdim=True)  # (Sq, 1) or (B|1, Hq|1, Sq, 1)
     # Rows without a visible key keep their (finite) scores through the softmax and are zeroed after,
     # so that neither the output nor the gradient ever sees -inf - (-inf).
     scores = scores.masked_fill(~(visible | ~has_key), -math.inf)
@@ -97,15 +111,17 @@ def standard_attention(
     max_seqlen_k: int | None,
     deterministic: bool,
     return_lse: bool,
+    block_mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """softmax(q k^T * scale + mask) v with the (Sq, Sk) matrix in memory; O(N^2) memory.
 
     Varlen batches run one sequence at a time. max_seqlen_* and deterministic are unused.
+    block_mask: bool (B|1, Hq|1, ceil(Sq / 128), ceil(Sk / 128)), padded batches only.
     """
     dropout = Dropout.draw(dropout_p)
     options = {"causal": causal, "scale": softmax_scale, "dropout": dropout}
     if cu_seqlens_q is None:
-        out, lse = _standard_one_batch(q, k, v, batch_start=0, **options)
+        out, lse = _standard_one_batch(q, k, v, batch_start=0, block_mask=block_mask, **options)
     else:
         pieces = [
             _standard_one_batch(q[sq][None], k[sk][None], v[sk][None], batch_start=b, **options)
@@ -125,17 +141,41 @@ def _tiles(start: int, stop: int, size: int) -> list[range]:
     return [range(i, min(i + size, stop)) for i in range(start, stop, size)]
 
 
+def _block_span(r: range) -> slice:
+    """The block-mask blocks (of BLOCK_SIZE) that the index range r overlaps."""
+    return slice(r.start // BLOCK_SIZE, (r.stop - 1) // BLOCK_SIZE + 1)
+
+
+def _block_of(r: range, device: torch.device) -> Tensor:
+    """int64 (len(r),): the block of each index of r, counted from the first block r overlaps."""
+    return torch.arange(r.start, r.stop, device=device) // BLOCK_SIZE - r.start // BLOCK_SIZE
+
+
 class _Tiling:
     """The tile loops shared by forward and backward for one padded batch of sequences.
 
     Query row i sees key column j iff not causal or j <= i + shift, shift = seqlen_k - seqlen_q
     (bottom-right alignment). Tiles above the diagonal are skipped; tiles on it are masked.
+
+    With a block mask, grouped as (B|1, Hk|1, G|1, nq, nk) over BLOCK_SIZE x BLOCK_SIZE blocks, a tile
+    is visited only if some of the blocks it overlaps are on for some batch and head, and is masked
+    elementwise unless all of them are on. Tiles of any size work; with the default 128 x 128 tiles
+    each tile is exactly one block, so the work follows the mask's density.
     """
 
-    def __init__(self, seqlen_q: int, seqlen_k: int, causal: bool, block_q: int, block_k: int) -> None:
+    def __init__(
+        self,
+        seqlen_q: int,
+        seqlen_k: int,
+        causal: bool,
+        block_q: int,
+        block_k: int,
+        block_mask: Tensor | None = None,
+    ) -> None:
         self.seqlen_q, self.seqlen_k, self.causal = seqlen_q, seqlen_k, causal
         self.block_q, self.block_k = block_q, block_k
         self.shift = seqlen_k - seqlen_q
+        self.block_mask = block_mask
 
     def row_tiles(self, first_row: int = 0) -> list[range]:
         """Query tiles of the grid from the one holding first_row on."""
@@ -150,11 +190,26 @@ class _Tiling:
         """The first query row that sees any key of cols (rows before it are skipped)."""
         return max(0, cols.start - self.shift) if self.causal else 0
 
+    def _blocks(self, rows: range, cols: range) -> Tensor:
+        """The block mask's blocks overlapping the tile: bool (B|1, Hk|1, G|1, nrow_blocks, ncol_blocks)."""
+        return self.block_mask[..., _block_span(rows), _block_span(cols)]
+
+    def visits(self, rows: range, cols: range) -> bool:
+        """Whether the tile overlaps a block that is on for some batch and head (always without a mask)."""
+        return self.block_mask is None or bool(self._blocks(rows, cols).any())
+
     def mask(self, rows: range, cols: range, device: torch.device) -> Tensor | None:
-        """Bool (len(rows), len(cols)) of visible pairs, or None when the whole tile is visible."""
-        if not self.causal or cols.stop - 1 <= rows.start + self.shift:
-            return None
-        return causal_visible(rows, cols, self.seqlen_q, self.seqlen_k, device)
+        """Bool (len(rows), len(cols)), or (B|1, Hk|1, G|1, len(rows), len(cols)) with a block mask, of
+        visible pairs; None when the whole tile is visible."""
+        visible = None
+        if self.causal and cols.stop - 1 > rows.start + self.shift:
+            visible = causal_visible(rows, cols, self.seqlen_q, self.seqlen_k, device)
+        if self.block_mask is not None:
+            blocks = self._blocks(rows, cols)
+            if not bool(blocks.all()):
+                elements = blocks[..., _block_of(rows, device), :][..., _block_of(cols, device)]
+                visible = elements if visible is None else visible & elements
+        return visible
 
 
 def _tile_scores(qs: Tensor, kt: Tensor, mask: Tensor | None) -> Tensor:
@@ -194,6 +249,8 @@ def _reference_forward(
         row_sum = torch.zeros_like(m)
         acc = torch.zeros(*qs.shape[:-1], head_dim, dtype=dtype, device=q.device)
         for cols in tiling.col_tiles(rows):
+            if not tiling.visits(rows, cols):
+                continue
             kt = kh[..., cols.start : cols.stop, :].to(dtype)  # (B, Hk, 1, Tk, D)
             vt = vh[..., cols.start : cols.stop, :].to(dtype)
             scores = _tile_scores(qs, kt, tiling.mask(rows, cols, q.device))
@@ -246,6 +303,8 @@ def _reference_backward(
         vt = vh[..., cols.start : cols.stop, :].to(dtype)
         dk_acc, dv_acc = torch.zeros_like(kt), torch.zeros_like(vt)
         for rows in tiling.row_tiles(tiling.first_row_seeing(cols)):
+            if not tiling.visits(rows, cols):
+                continue
             qs = qh[..., rows.start : rows.stop, :].to(dtype) * scale  # (B, Hk, G, Tq, D)
             dot = dout_h[..., rows.start : rows.stop, :].to(dtype)
             scores = _tile_scores(qs, kt, tiling.mask(rows, cols, q.device))
@@ -283,6 +342,16 @@ def _batches(
     ]
 
 
+def _group_block_mask(block_mask: Tensor | None, num_heads_k: int) -> Tensor | None:
+    """(B|1, Hq|1, nq, nk) -> (B|1, Hk|1, G|1, nq, nk), the head layout of _split_heads."""
+    if block_mask is None:
+        return None
+    batch, heads, nq, nk = block_mask.shape
+    if heads == 1:
+        return block_mask[:, :, None]
+    return block_mask.view(batch, num_heads_k, heads // num_heads_k, nq, nk)
+
+
 class _ReferenceAttention(torch.autograd.Function):
     """Tiled FlashAttention forward and backward; saves q, k, v, out, lse and the dropout seed."""
 
@@ -299,11 +368,12 @@ class _ReferenceAttention(torch.autograd.Function):
         dropout: Dropout | None,
         block_q: int,
         block_k: int,
+        block_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         out = torch.empty_like(q)
         lse_shape = (*q.shape[:-3], q.shape[-2], q.shape[-3])  # (B, Hq, Sq) or varlen (Hq, total_q)
         lse = torch.empty(lse_shape, dtype=compute_dtype(q.dtype), device=q.device)
-        ctx.tiling = (causal, block_q, block_k)
+        ctx.tiling = (causal, block_q, block_k, _group_block_mask(block_mask, k.shape[-2]))
         ctx.numerics = {"scale": scale, "dropout": dropout}
         for b, (qb, outb), (kb, vb), (lseb,) in _batches(cu_seqlens_q, cu_seqlens_k, [q, out], [k, v], [lse]):
             tiling = _Tiling(qb.shape[1], kb.shape[1], *ctx.tiling)
@@ -332,7 +402,7 @@ class _ReferenceAttention(torch.autograd.Function):
             _reference_backward(
                 qb, kb, vb, doutb, lseb, deltab, dqb, dkb, dvb, batch_start=b, tiling=tiling, **ctx.numerics
             )
-        return dq.to(q.dtype), dk, dv, *([None] * 7)
+        return dq.to(q.dtype), dk, dv, *([None] * 8)
 
 
 def reference_attention(
@@ -349,6 +419,7 @@ def reference_attention(
     max_seqlen_k: int | None,
     deterministic: bool,
     return_lse: bool,
+    block_mask: Tensor | None = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -356,10 +427,12 @@ def reference_attention(
 
     Same results as standard_attention (to rounding) and the same dropout mask for the same
     torch.manual_seed. max_seqlen_* and deterministic are unused (the loops are deterministic).
+    block_mask: bool (B|1, Hq|1, ceil(Sq / 128), ceil(Sk / 128)), padded batches only; tiles
+    overlapping no nonzero block are skipped in the forward and the backward.
     """
     dropout = Dropout.draw(dropout_p)
     out, lse = _ReferenceAttention.apply(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, dropout, block_q, block_k
+        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, dropout, block_q, block_k, block_mask
     )
     return (out, lse) if return_lse else out
 
