@@ -77,6 +77,7 @@ def test_every_experiment_opens_with_its_run_command():
         (["model.attn=fast"], "model.attn='fast' is not an attention implementation"),
         (["trainer.precision=fp8"], "trainer.precision='fp8'"),
         (["model"], "expected KEY=VALUE, got 'model'"),
+        (["model=bert-tiny"], "task=causal_lm trains model.arch gpt2; model=bert-tiny is arch bert"),
     ],
 )
 def test_bad_input_names_the_key_and_choices(argv, fragment):

@@ -25,6 +25,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 GROUPS = ("model", "data", "task", "trainer")
 ATTN_IMPLS = ("auto", "flash", "reference", "standard", "sdpa", "blocksparse")
+# Which model architectures each task trains (task.arch -> model.arch).
+TASK_MODELS = {"causal_lm": ("gpt2",)}
 PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
 
 
@@ -187,6 +189,10 @@ def validate(cfg: DictConfig) -> None:
         )
     if seqlen is not None and seqlen < 1:
         raise ConfigError(f"data.seqlen must be positive, got {seqlen}")
+    task_arch, model_arch = cfg.task.get("arch"), cfg.model.get("arch")
+    if task_arch in TASK_MODELS and model_arch not in TASK_MODELS[task_arch]:
+        raise ConfigError(f"task={cfg.task.name} trains model.arch {', '.join(TASK_MODELS[task_arch])}; "
+                          f"model={cfg.model.name} is arch {model_arch} (no task for it yet)")
     attn = cfg.model.get("attn")
     if attn is not None and attn not in ATTN_IMPLS:
         raise ConfigError(f"model.attn='{attn}' is not an attention implementation; choose from: "

@@ -35,7 +35,15 @@ from longctx.ops.blocksparse import (
 from longctx.ops.reference import reference_attention
 
 TOL = 1e-10
-PATTERNS = ["full", "local:1", "global:1", "strided:2", "butterfly", "random:0.4:3", "local:0+global:1+random:0.2:5"]
+PATTERNS = [
+    "full",
+    "local:1",
+    "global:1",
+    "strided:2",
+    "butterfly",
+    "random:0.4:3",
+    "local:0+global:1+random:0.2:5",
+]
 LENGTHS = [(300, 300), (257, 300), (300, 257)]
 
 
@@ -120,9 +128,20 @@ def test_per_batch_head_mask_and_other_tile_sizes(tiles: tuple[int, int], causal
     mask = torch.rand(2, 4, 3, 3, generator=torch.Generator().manual_seed(2)) < 0.5
     mask[0, 0] = False  # a head that sees nothing: output 0, lse -inf
     std = _run("standard", q, k, v, block_mask=mask, causal=causal)
-    options = {"causal": causal, "dropout_p": 0.0, "softmax_scale": 0.25, "cu_seqlens_q": None,
-               "cu_seqlens_k": None, "max_seqlen_q": None, "max_seqlen_k": None, "deterministic": False,
-               "return_lse": True, "block_mask": mask, "block_q": tiles[0], "block_k": tiles[1]}
+    options = {
+        "causal": causal,
+        "dropout_p": 0.0,
+        "softmax_scale": 0.25,
+        "cu_seqlens_q": None,
+        "cu_seqlens_k": None,
+        "max_seqlen_q": None,
+        "max_seqlen_k": None,
+        "deterministic": False,
+        "return_lse": True,
+        "block_mask": mask,
+        "block_q": tiles[0],
+        "block_k": tiles[1],
+    }
     out, lse = reference_attention(q, k, v, **options)
     torch.testing.assert_close(out, std[0], rtol=TOL, atol=TOL)
     _assert_lse_equal(lse.detach(), std[1])
@@ -133,7 +152,9 @@ def test_per_batch_head_mask_and_other_tile_sizes(tiles: tuple[int, int], causal
 @pytest.mark.parametrize("seqlens", LENGTHS, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_standard_matches_naive_formula(seqlens: tuple[int, int], causal: bool) -> None:
     q, k, v = (x.detach() for x in _inputs(*seqlens))
-    mask = torch.rand(2, 1, _blocks(seqlens[0]), _blocks(seqlens[1]), generator=torch.Generator().manual_seed(3))
+    mask = torch.rand(
+        2, 1, _blocks(seqlens[0]), _blocks(seqlens[1]), generator=torch.Generator().manual_seed(3)
+    )
     mask = mask < 0.6
     mask[1, 0, -1] = False  # a query block that sees nothing
     out, lse = attention(q, k, v, block_mask=mask, causal=causal, impl="standard", return_lse=True)
@@ -261,12 +282,17 @@ def test_causal_combination_keeps_exactly_the_causally_visible_blocks(pattern: s
     visible[:seqlen_q, :seqlen_k] = j <= i + seqlen_k - seqlen_q
     per_block = visible.view(_blocks(seqlen_q), 128, _blocks(seqlen_k), 128).any(dim=3).any(dim=1)
     plain = block_mask_from_pattern(pattern, seqlen_q, seqlen_k)
-    assert torch.equal(block_mask_from_pattern(pattern, seqlen_q, seqlen_k, causal=True)[0, 0], plain[0, 0] & per_block)
+    assert torch.equal(
+        block_mask_from_pattern(pattern, seqlen_q, seqlen_k, causal=True)[0, 0], plain[0, 0] & per_block
+    )
 
 
 def test_parse_pattern() -> None:
     assert parse_pattern(" local:2 +global:1+butterfly+random:0.5") == [
-        ("local", (2,)), ("global", (1,)), ("butterfly", ()), ("random", (0.5,))
+        ("local", (2,)),
+        ("global", (1,)),
+        ("butterfly", ()),
+        ("random", (0.5,)),
     ]
     assert parse_pattern("random:0.1:9") == [("random", (0.1, 9))]
 
@@ -298,8 +324,15 @@ def _bad_calls() -> list:
     q, k, v = (x.detach() for x in _inputs(300, 257))
     good = torch.ones(2, 4, 3, 3, dtype=torch.bool)
     cu = torch.tensor([0, 300], dtype=torch.int32)
-    packed = {"q": q[0], "k": k[0, :257], "v": v[0, :257], "cu_seqlens_q": cu,
-              "cu_seqlens_k": torch.tensor([0, 257], dtype=torch.int32), "max_seqlen_q": 300, "max_seqlen_k": 257}
+    packed = {
+        "q": q[0],
+        "k": k[0, :257],
+        "v": v[0, :257],
+        "cu_seqlens_q": cu,
+        "cu_seqlens_k": torch.tensor([0, 257], dtype=torch.int32),
+        "max_seqlen_q": 300,
+        "max_seqlen_k": 257,
+    }
     shape = r"block_mask must have shape \(batch 2 or 1, heads 4 or 1, 3, 3\)"
     cases = {
         "blocks-q": ({"block_mask": good[:, :, :2]}, shape),
@@ -342,8 +375,17 @@ def test_blocksparse_gpt2_with_a_full_pattern_equals_reference() -> None:
 def test_blocksparse_gpt2_with_a_local_pattern_is_sparse() -> None:
     """local:0 with causal: position 299 (block 2) no longer sees positions < 256 (blocks 0, 1)."""
     torch.manual_seed(0)
-    model = GPT2(GPT2Config(vocab_size=101, n_layer=1, n_head=2, n_embd=32, max_positions=320,
-                            attn="blocksparse", attn_pattern="local:0")).double()
+    model = GPT2(
+        GPT2Config(
+            vocab_size=101,
+            n_layer=1,
+            n_head=2,
+            n_embd=32,
+            max_positions=320,
+            attn="blocksparse",
+            attn_pattern="local:0",
+        )
+    ).double()
     idx = torch.randint(0, 101, (1, 300))
     changed = idx.clone()
     changed[:, :256] = torch.randint(0, 101, (1, 256))
@@ -352,8 +394,11 @@ def test_blocksparse_gpt2_with_a_local_pattern_is_sparse() -> None:
 
 @pytest.mark.parametrize(
     "impl, pattern, match",
-    [("blocksparse", None, "attn_pattern must be given"), ("reference", "local:1", "attn_pattern must be given"),
-     ("blocksparse", "local", "wrong number of arguments")],
+    [
+        ("blocksparse", None, "attn_pattern must be given"),
+        ("reference", "local:1", "attn_pattern must be given"),
+        ("blocksparse", "local", "wrong number of arguments"),
+    ],
 )
 def test_self_attention_rejects_bad_pattern_config(impl: str, pattern: str | None, match: str) -> None:
     with pytest.raises(ValueError, match=match):
