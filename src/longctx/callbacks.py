@@ -29,7 +29,8 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._tokens += batch[1].numel() * trainer.world_size
+        tokens = batch["input_ids"] if isinstance(batch, dict) else batch[1]  # dict batches: encoders
+        self._tokens += tokens.numel() * trainer.world_size
         if trainer.global_step % trainer.log_every_n_steps or self._start is None:
             return
         if module.device.type == "cuda":

@@ -172,7 +172,8 @@ def train(argv: Sequence[str]) -> dict[str, float]:
 
 
 def evaluate(argv: Sequence[str]) -> dict[str, Any]:
-    """``eval.py ckpt=PATH [splits=[val,test]] [out=PATH] [KEY=VALUE ...]``: perplexity per split,
+    """``eval.py ckpt=PATH [splits=[val,test]] [out=PATH] [KEY=VALUE ...]``: every ``{split}/NAME``
+    metric the task logs (loss and perplexity; accuracy or F1 for classification) as ``{split}_NAME``,
     printed and written as JSON (default: eval.json in the run directory)."""
     try:
         pairs = dict(parse_argv(argv))
@@ -214,9 +215,9 @@ def evaluate(argv: Sequence[str]) -> dict[str, Any]:
     for split in splits:
         run = trainer.validate if split == "val" else trainer.test
         metrics = run(task, datamodule=data, verbose=False)[0]
-        result[f"{split}_loss"] = metrics[f"{split}/loss"]
-        result[f"{split}_ppl"] = metrics[f"{split}/ppl"]
-        print(f"{split} perplexity {result[f'{split}_ppl']:.2f} (loss {result[f'{split}_loss']:.4f})")
+        logged = {k.partition("/")[2]: float(v) for k, v in metrics.items() if k.startswith(f"{split}/")}
+        result.update({f"{split}_{name}": value for name, value in logged.items()})
+        print(f"{split} " + ", ".join(f"{name} {value:.4f}" for name, value in sorted(logged.items())))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -27,6 +27,8 @@ GROUPS = ("model", "data", "task", "trainer")
 ATTN_IMPLS = ("auto", "flash", "reference", "standard", "sdpa", "blocksparse")
 # Which model architectures each task trains (task.arch -> model.arch).
 TASK_MODELS = {"causal_lm": ("gpt2",)}
+TASK_MODELS["masked_lm"] = ("bert",)
+TASK_MODELS["classify"] = ("bert",)
 PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
 
 
@@ -166,6 +168,8 @@ def compose(argv: Sequence[str]) -> DictConfig:
     apply_overrides(cfg, overrides)
     for value in seqlens:
         set_seqlen(cfg, value)
+    if cfg.data.get("kind") == "mlm" and "model.vocab_size" not in dict(overrides):
+        cfg.model.vocab_size = cfg.data.vocab_size  # the model embeds the data's own vocabulary
     validate(cfg)
     return cfg
 
@@ -189,6 +193,10 @@ def validate(cfg: DictConfig) -> None:
         )
     if seqlen is not None and seqlen < 1:
         raise ConfigError(f"data.seqlen must be positive, got {seqlen}")
+    if cfg.data.get("kind") == "mlm" and cfg.model.get("vocab_size") != cfg.data.get("vocab_size"):
+        raise ConfigError(f"model.vocab_size={cfg.model.get('vocab_size')} must equal data.vocab_size="
+                          f"{cfg.data.get('vocab_size')} (the WordPiece vocabulary); "
+                          "set data.vocab_size only")
     task_arch, model_arch = cfg.task.get("arch"), cfg.model.get("arch")
     if task_arch in TASK_MODELS and model_arch not in TASK_MODELS[task_arch]:
         raise ConfigError(f"task={cfg.task.name} trains model.arch {', '.join(TASK_MODELS[task_arch])}; "

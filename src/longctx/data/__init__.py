@@ -17,7 +17,23 @@ def _lm(section: dict[str, Any], seed: int) -> L.LightningDataModule:
     return LMDataModule(seed=seed, **{k: v for k, v in section.items() if k in accepted})
 
 
+def _classify(section: dict[str, Any], seed: int) -> L.LightningDataModule:
+    from longctx.data.classify import ClassifyDataModule
+
+    accepted = set(inspect.signature(ClassifyDataModule).parameters)
+    return ClassifyDataModule(seed=seed, **{k: v for k, v in section.items() if k in accepted})
+
+
+def _mlm(section: dict[str, Any], seed: int) -> L.LightningDataModule:
+    from longctx.data.mlm import MLMDataModule
+
+    accepted = set(inspect.signature(MLMDataModule).parameters)
+    return MLMDataModule(seed=seed, **{k: v for k, v in section.items() if k in accepted})
+
+
 DATA: dict[str, Callable[[dict[str, Any], int], L.LightningDataModule]] = {"lm": _lm}
+DATA["mlm"] = _mlm
+DATA["classify"] = _classify
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:

@@ -57,7 +57,6 @@ class SelfAttention(nn.Module):
                       max_seqlen_k=max_seqlen, block_mask=self._block_mask(x, cu_seqlens), impl=self.impl)
         return self.resid_dropout(self.proj(y.reshape(*lead, -1)))
 
-
     def _block_mask(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor | None:
         """attn_pattern's bool (1, 1, ceil(S / 128), ceil(S / 128)) block mask for x (B, S, n_embd),
         cached per (S, device); None without a pattern."""
