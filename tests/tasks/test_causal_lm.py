@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longctx.models.gpt2 import GPT2, GPT2Config
-from longctx.tasks.causal_lm import decay_groups, warmup_cosine
+from longctx.tasks.base import decay_groups, warmup_cosine
 
 
 def test_only_linear_weights_are_decayed():

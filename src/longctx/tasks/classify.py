@@ -19,12 +19,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 import torch
 
 from longctx.models import build_model
 from longctx.models.heads import ClassificationHead
-from longctx.tasks.causal_lm import decay_groups, warmup_cosine
+from longctx.tasks.base import Task
 
 
 def label_counts(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -50,7 +49,7 @@ def f1_scores(counts: torch.Tensor) -> tuple[float, float]:
     return float(f1(tp.sum(), fp.sum(), fn.sum())), float(f1(tp, fp, fn).mean())
 
 
-class Classify(L.LightningModule):
+class Classify(Task):
     """The encoder of ``config['model']`` and a classification head, trained with cross-entropy
     (single-label) or BCE with logits (multi-label) and the optimiser of ``config['task']``."""
 
@@ -88,9 +87,6 @@ class Classify(L.LightningModule):
         if data.tokenizer_vocab_size > vocab:
             raise ValueError(f"the data's tokenizer has {data.tokenizer_vocab_size} tokens, more than "
                              f"model.vocab_size={vocab}")
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["longctx_config"] = self.config
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Batch dict -> logits (batch, num_labels)."""
@@ -158,19 +154,3 @@ class Classify(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip the gradient norm here, as CausalLM does (fused optimizers under mixed precision)."""
-        max_norm = self.config["trainer"].get("grad_clip")
-        if max_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
-            self.log("train/grad_norm", norm)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.task_cfg
-        optimizer = torch.optim.AdamW(decay_groups(self, cfg["weight_decay"]), lr=cfg["lr"],
-                                      betas=tuple(cfg["betas"]), eps=cfg.get("eps", 1e-8),
-                                      fused=self.device.type == "cuda")
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-            step, cfg["warmup_steps"], self.max_steps, cfg["min_lr_ratio"]))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -13,12 +13,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
 from longctx.models import build_model
-from longctx.tasks.causal_lm import decay_groups, warmup_cosine
+from longctx.tasks.base import Task
 
 
 def mlm_loss_sums(model: torch.nn.Module,
@@ -34,7 +33,7 @@ def mlm_loss_sums(model: torch.nn.Module,
     return loss_sum, correct, targets.numel()
 
 
-class MaskedLM(L.LightningModule):
+class MaskedLM(Task):
     """The BERT of ``config['model']`` trained on masked-token prediction with the optimiser of
     ``config['task']``. The whole run config travels in every checkpoint, so eval.py needs only the file."""
 
@@ -44,9 +43,6 @@ class MaskedLM(L.LightningModule):
         self.task_cfg, self.max_steps = dict(config["task"]), config["trainer"]["max_steps"]
         self.model = build_model(config["model"])
         self._sums = [0.0, 0, 0]  # loss sum, correct, labeled tokens
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["longctx_config"] = self.config
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """MLM logits (batch, seqlen, vocab) for every position."""
@@ -91,19 +87,3 @@ class MaskedLM(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Clip the gradient norm here (see CausalLM.on_before_optimizer_step for why)."""
-        max_norm = self.config["trainer"].get("grad_clip")
-        if max_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
-            self.log("train/grad_norm", norm)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.task_cfg
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(decay_groups(self.model, cfg["weight_decay"]), lr=cfg["lr"],
-                                      betas=tuple(cfg["betas"]), eps=cfg.get("eps", 1e-8), fused=fused)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-            step, cfg["warmup_steps"], self.max_steps, cfg["min_lr_ratio"]))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,61 @@
+"""What every longctx task shares: the optimiser (AdamW with GPT-2's decay groups, linear warmup
+then cosine), gradient clipping, and the run config carried in every checkpoint."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """GPT-2 style: weight decay on the matrices of Linear layers only; biases, LayerNorm and
+    embedding weights are not decayed."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0 to 1, then cosine decay to ``min_lr_ratio`` at max_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Task(L.LightningModule):
+    """Base of the tasks. Subclasses set ``self.config`` (the whole run config), ``self.task_cfg``
+    (its task section) and ``self.max_steps`` in ``__init__``."""
+
+    config: dict[str, Any]
+    task_cfg: dict[str, Any]
+    max_steps: int
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The run config travels in every checkpoint, so eval.py needs only the file."""
+        checkpoint["longctx_config"] = self.config
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the gradient norm here rather than through the Trainer, whose mixed-precision
+        plugin refuses to clip for fused optimizers (bf16 has no grad scaler, so nothing is lost)."""
+        max_norm = self.config["trainer"].get("grad_clip")
+        if max_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+            self.log("train/grad_norm", norm)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.task_cfg
+        optimizer = torch.optim.AdamW(decay_groups(self, cfg["weight_decay"]), lr=cfg["lr"],
+                                      betas=tuple(cfg["betas"]), eps=cfg.get("eps", 1e-8),
+                                      fused=self.device.type == "cuda")
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
+            step, cfg["warmup_steps"], self.max_steps, cfg["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
