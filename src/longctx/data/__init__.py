@@ -31,9 +31,11 @@ def _mlm(section: dict[str, Any], seed: int) -> L.LightningDataModule:
     return MLMDataModule(seed=seed, **{k: v for k, v in section.items() if k in accepted})
 
 
-DATA: dict[str, Callable[[dict[str, Any], int], L.LightningDataModule]] = {"lm": _lm}
-DATA["mlm"] = _mlm
-DATA["classify"] = _classify
+DATA: dict[str, Callable[[dict[str, Any], int], L.LightningDataModule]] = {
+    "lm": _lm,
+    "mlm": _mlm,
+    "classify": _classify,
+}
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:

@@ -12,9 +12,11 @@ from longctx.tasks.causal_lm import CausalLM
 from longctx.tasks.classify import Classify
 from longctx.tasks.masked_lm import MaskedLM
 
-TASKS: dict[str, type[L.LightningModule]] = {"causal_lm": CausalLM}
-TASKS["masked_lm"] = MaskedLM
-TASKS["classify"] = Classify
+TASKS: dict[str, type[L.LightningModule]] = {
+    "causal_lm": CausalLM,
+    "masked_lm": MaskedLM,
+    "classify": Classify,
+}
 
 
 def build_task(cfg: DictConfig | Mapping[str, Any]) -> L.LightningModule:
