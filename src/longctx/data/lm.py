@@ -434,6 +434,25 @@ class ResumableLoader(DataLoader):
         self.sampler.resume(state["epoch"], state["samples_done"])
 
 
+def resumable_train_loader(dataset: Dataset, seed: int, trainer: Any,
+                           sampler_cls: type[EpochShuffleSampler] = EpochShuffleSampler,
+                           **loader_kwargs: Any) -> ResumableLoader:
+    """The training loader of a data module: this rank's share of (seed, epoch)-shuffled order,
+    positioned by the trainer's progress so that resumes continue at the next batch.
+
+    It starts at the epoch Lightning will pass to set_epoch: with workers, the first batches are
+    drawn when the loader is first iterated, which on a resume happens before set_epoch.
+    """
+    sampler = sampler_cls(
+        dataset, seed, epoch=trainer.fit_loop.epoch_progress.current.processed if trainer else 0,
+        num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
+
+    def batches_done() -> int:
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
+
+    return ResumableLoader(dataset, sampler, batches_done, **loader_kwargs)
+
+
 def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
     """Histogram of token ids, shape (vocab_size,) int64; reads a memmap in chunks."""
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -542,18 +561,8 @@ class LMDataModule(L.LightningDataModule):
                 "pin_memory": torch.cuda.is_available(), "persistent_workers": self.num_workers > 0}
 
     def train_dataloader(self) -> ResumableLoader:
-        windows = self._windows("train", self.train_stride)
-        trainer = self.trainer
-        # Start at the epoch Lightning will pass to set_epoch: with workers, the first batches are
-        # drawn when the loader is first iterated, which on a resume happens before set_epoch.
-        sampler = EpochShuffleSampler(
-            windows, self.seed, epoch=trainer.fit_loop.epoch_progress.current.processed if trainer else 0,
-            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
-
-        def batches_done() -> int:
-            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
-
-        return ResumableLoader(windows, sampler, batches_done, **self._loader_kwargs())
+        return resumable_train_loader(self._windows("train", self.train_stride), self.seed, self.trainer,
+                                      EpochShuffleSampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._windows("val"), shuffle=False, **self._loader_kwargs())

@@ -45,6 +45,7 @@ from longctx.data.lm import (
     HubCorpus,
     PathLike,
     ResumableLoader,
+    resumable_train_loader,
     ShakespeareCorpus,
     _atomic_write,
     _read_meta,
@@ -311,15 +312,8 @@ class MLMDataModule(L.LightningDataModule):
                 "pin_memory": torch.cuda.is_available(), "persistent_workers": self.num_workers > 0}
 
     def train_dataloader(self) -> ResumableLoader:
-        data, trainer = self.dataset("train"), self.trainer
-        sampler = EpochTaggedSampler(
-            data, self.seed, epoch=trainer.fit_loop.epoch_progress.current.processed if trainer else 0,
-            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
-
-        def batches_done() -> int:
-            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
-
-        return ResumableLoader(data, sampler, batches_done, **self._loader_kwargs())
+        return resumable_train_loader(self.dataset("train"), self.seed, self.trainer, EpochTaggedSampler,
+                                      **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset("val"), shuffle=False, **self._loader_kwargs())
