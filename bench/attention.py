@@ -86,18 +86,24 @@ def _standard(causal: bool) -> Fn:
 _FLEX_CACHE: dict = {}
 
 
-def _flex(causal: bool) -> Fn:
+def compiled_flex() -> Callable:
+    """torch.compile(flex_attention), with dynamo's recompile limits raised: one compiled graph per
+    shape, or dynamo silently falls back to the unfused (very slow) path after a few shapes."""
     import torch._dynamo
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-    # One compiled graph per shape: raise the recompile limits, or dynamo silently falls back to
-    # the unfused (very slow) path after a few shapes.
     torch._dynamo.config.cache_size_limit = 1000
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 1000
     if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
         torch._dynamo.config.accumulated_recompile_limit = 10000
-    compiled = _FLEX_CACHE.setdefault("fn", torch.compile(flex_attention, dynamic=False))
+    return _FLEX_CACHE.setdefault("fn", torch.compile(flex_attention, dynamic=False))
+
+
+def _flex(causal: bool) -> Fn:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    compiled = compiled_flex()
 
     def fn(q, k, v):
         mask = None

@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_check.sh [--quick] [--no-tests] [--no-bench] [--tune] [--no-sanitizer] [--no-train]
 #                           [--pytest "ARGS"] [--bench "ARGS"] [--flex "BENCH ARGS"] [--ncu "PROFILE ARGS"]
+#                           [--sparse "BLOCKSPARSE BENCH ARGS"] [--extra "COMMAND"]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -13,7 +14,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LONGCTX_BUILD_DIR=${LONGCTX_BUILD_DIR:-/tmp/longctx_build} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/src
 LOG=$OUT/gpu_check.log
-QUICK="" TESTS=1 BENCH=1 TUNE=0 SAN=1 TRAIN=1 NCU="" PYTEST_ARGS="" BENCH_ARGS="" FLEX=""
+QUICK="" TESTS=1 BENCH=1 TUNE=0 SAN=1 TRAIN=1 NCU="" PYTEST_ARGS="" BENCH_ARGS="" FLEX="" SPARSE="-" EXTRA=()
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) QUICK="--quick" ;;
@@ -26,6 +27,8 @@ while [ $# -gt 0 ]; do
     --bench) BENCH_ARGS=$2; shift ;;
     --flex) FLEX=$2; shift ;;  # e.g. --flex "--seqlens 1024 4096 16384"
     --ncu) NCU=$2; shift ;;    # bench/profile_fwd.py args, e.g. --ncu "--head-dim 128 --seqlen 1024"
+    --sparse) SPARSE=$2; shift ;;  # bench/blocksparse.py args ("" = its full sweep)
+    --extra) EXTRA+=("$2"); shift ;;  # any further command (run after the tests), e.g. another bench script
     *) echo "unknown option $1"; exit 2 ;;
   esac
   shift
@@ -101,6 +104,7 @@ if [ $TESTS = 1 ]; then
   step "tests"
   tests=tests/ops/test_flash_gpu.py
   [ -f tests/ops/test_flash_bwd_gpu.py ] && tests="$tests tests/ops/test_flash_bwd_gpu.py"
+  [ -f tests/ops/test_blocksparse_gpu.py ] && tests="$tests tests/ops/test_blocksparse_gpu.py"
   timeout 400 python3 -m pytest -q -p no:cacheprovider $tests $PYTEST_ARGS > "$OUT/pytest.log" 2>&1
   tail -40 "$OUT/pytest.log" | tee -a "$LOG"
   SUMMARY+=("tests: $(tail -1 "$OUT/pytest.log")")
@@ -124,6 +128,18 @@ if [ $BENCH = 1 ]; then
       | tee -a "$LOG" > /tmp/bench.log
   fi
 fi
+
+if [ "$SPARSE" != "-" ]; then
+  step "bench blocksparse $SPARSE"
+  timeout 500 python3 bench/blocksparse.py --out "$OUT" $SPARSE 2>&1 | tee -a "$LOG" > /tmp/sparse.log
+  SUMMARY+=("blocksparse bench: $(grep -c ms /tmp/sparse.log) lines (table at the end)")
+fi
+
+for cmd in "${EXTRA[@]}"; do
+  step "extra: $cmd"
+  bash -c "$cmd" 2>&1 | tee -a "$LOG" | tail -40
+  SUMMARY+=("extra rc=${PIPESTATUS[0]}: $cmd")
+done
 
 if [ -n "$NCU" ] && command -v ncu > /dev/null; then  # longctx vs sdpa's FA2, same shape, key sections
   step "ncu $NCU"
@@ -149,6 +165,10 @@ for d, causal, sq, sk, det in ((64, True, 97, 203, False), (80, False, 130, 65, 
 cu = torch.tensor([0, 5, 100, 133], dtype=torch.int32, device="cuda")
 q = torch.randn(133, 4, 32, device="cuda", dtype=torch.float16)
 run(q, q, q, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=95, max_seqlen_k=95)
+from longctx.ops.blocksparse import block_mask_from_pattern  # block-sparse forward + backward
+q = torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16)
+for det in (False, True):
+    run(q, q, q, causal=True, deterministic=det, block_mask=block_mask_from_pattern("local:1", 300, 300, device="cuda"))
 torch.cuda.synchronize()
 print("sanitizer case done")
 PY
@@ -176,4 +196,5 @@ step "summary"
 for s in "${SUMMARY[@]}"; do echo "$s" | tee -a "$LOG"; done
 grep -E "^ptxas|^sass fwd" "$LOG" | tail -6
 [ -f /tmp/bench.log ] && sed -n '/^   D causal/,$p' /tmp/bench.log
+[ -f /tmp/sparse.log ] && sed -n '/^   D      S/,$p' /tmp/sparse.log
 exit 0

@@ -129,6 +129,25 @@ void fill_fwd_params(longctx::FlashFwdParams& p, const Tensor& q, const Tensor& 
   cudaDeviceGetAttribute(&p.num_sm, cudaDevAttrMultiProcessorCount, device);
 }
 
+// Block-sparse: bool / uint8 keep flags (batch or 1, heads_q or 1, ceil(max_q / 128), ceil(max_k / 128)),
+// per sequence in its own coordinates for varlen batches.
+void set_block_mask(longctx::FlashFwdParams& p, const c10::optional<Tensor>& block_mask, const Tensor& q) {
+  if (!block_mask.has_value()) return;
+  const Tensor& m = *block_mask;
+  const int64_t rows = (p.seqlen_q + 127) / 128, cols = (p.seqlen_k + 127) / 128;
+  TORCH_CHECK_VALUE(m.device() == q.device() && (m.scalar_type() == at::kBool || m.scalar_type() == at::kByte),
+                    "block_mask: must be a bool or uint8 tensor on ", q.device());
+  TORCH_CHECK_VALUE(m.dim() == 4 && (m.size(0) == 1 || m.size(0) == p.batch) &&
+                        (m.size(1) == 1 || m.size(1) == p.num_heads_q) && m.size(2) == rows && m.size(3) == cols,
+                    "block_mask: expected (", p.batch, " or 1, ", p.num_heads_q, " or 1, ", rows, ", ", cols,
+                    "), got ", m.sizes());
+  TORCH_CHECK_VALUE(m.stride(3) == 1 && m.stride(2) == cols, "block_mask: the last two dimensions must be contiguous");
+  p.block_mask = reinterpret_cast<const uint8_t*>(m.data_ptr());
+  p.block_mask_batch_stride = m.size(0) == 1 ? 0 : m.stride(0);
+  p.block_mask_head_stride = m.size(1) == 1 ? 0 : m.stride(1);
+  p.block_mask_cols = static_cast<int>(cols);
+}
+
 void check_scalars(double p_drop, double scale) {
   TORCH_CHECK_VALUE(p_drop >= 0.0 && p_drop < 1.0, "dropout_p: must be in [0, 1), got ", p_drop);
   TORCH_CHECK_VALUE(scale > 0.0 && std::isfinite(scale), "softmax_scale: must be positive and finite, got ",
@@ -145,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k_in, cons
                                        const c10::optional<Tensor>& cu_q, const c10::optional<Tensor>& cu_k,
                                        int64_t max_q, int64_t max_k, double p_drop, double scale, bool causal,
                                        const c10::optional<Tensor>& rng_state, bool return_mask,
-                                       int64_t stream) {
+                                       const c10::optional<Tensor>& block_mask, int64_t stream) {
   const int64_t batch = check_qkv(q, k_in, v_in, cu_q, cu_k, max_q, max_k);
   check_scalars(p_drop, scale);
   const bool varlen = cu_q.has_value();
@@ -161,6 +180,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k_in, cons
   Tensor mask;
   longctx::FlashFwdParams p;
   fill_fwd_params(p, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, p_drop, scale, causal, rng_state);
+  set_block_mask(p, block_mask, q);
   if (return_mask) {
     mask = at::zeros({batch, hq, q.size(1), k.size(1)}, q.options().dtype(at::kByte));
     p.dropout_mask = mask.data_ptr<uint8_t>();
@@ -179,7 +199,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, c
                                        const c10::optional<Tensor>& cu_q, const c10::optional<Tensor>& cu_k,
                                        int64_t max_q, int64_t max_k, double p_drop, double scale, bool causal,
                                        const c10::optional<Tensor>& rng_state, bool deterministic,
-                                       int64_t stream) {
+                                       const c10::optional<Tensor>& block_mask, int64_t stream) {
   const int64_t batch = check_qkv(q, k_in, v_in, cu_q, cu_k, max_q, max_k);
   check_scalars(p_drop, scale);
   const bool varlen = cu_q.has_value();
@@ -211,6 +231,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, c
   longctx::FlashBwdParams p;
   std::memset(&p, 0, sizeof(p));
   fill_fwd_params(p, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, p_drop, scale, causal, rng_state);
+  set_block_mask(p, block_mask, q);
   const int r = varlen ? 0 : 1;
   p.dout = dout.data_ptr();
   p.dq = dq.data_ptr();
@@ -257,11 +278,11 @@ TORCH_LIBRARY(longctx_C, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, float dropout_p, float softmax_scale, bool causal, Tensor? rng_state, "
-      "bool return_dropout_mask, int stream) -> (Tensor, Tensor, Tensor)");
+      "bool return_dropout_mask, Tensor? block_mask, int stream) -> (Tensor, Tensor, Tensor)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float dropout_p, float softmax_scale, "
-      "bool causal, Tensor? rng_state, bool deterministic, int stream) -> (Tensor, Tensor, Tensor)");
+      "bool causal, Tensor? rng_state, bool deterministic, Tensor? block_mask, int stream) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(longctx_C, CUDA, m) {

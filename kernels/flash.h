@@ -52,6 +52,13 @@ struct FlashFwdParams {
   // (B, Hq, seqlen_q, seqlen_k) for padded batches.
   uint8_t* __restrict__ dropout_mask;
 
+  // Block-sparse attention (block_mask.cuh), or nullptr for dense: uint8 keep flags of 128 x 128
+  // blocks, (mask batch, mask heads, ceil(seqlen_q / 128), ceil(seqlen_k / 128)) with stride 0 on a
+  // broadcast (size 1) batch or head dimension. Varlen: per sequence, in its own coordinates.
+  const uint8_t* __restrict__ block_mask;
+  int64_t block_mask_batch_stride, block_mask_head_stride;
+  int block_mask_cols;  // row stride: key blocks per query block
+
   int num_sm;  // multiprocessor count, for grid heuristics
 };
 

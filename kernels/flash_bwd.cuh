@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "block_mask.cuh"
 #include "flash.h"
 #include "mma.cuh"
 #include "philox.cuh"
@@ -297,6 +298,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
   const int m_end = (s.seqlen_q + kBlockM - 1) / kBlockM;
   int m_begin = 0;
   if (kIsCausal) m_begin = max(0, col0 - diag) / kBlockM;
+  // Block-sparse: only the query tiles of kept mask blocks are visited (all of them when dense).
+  const int m_first = mask_col<kBlockM>(p, b, h, col0).next(m_begin, m_end);
 
   const T* q_ptr = static_cast<const T*>(p.q) + s.tok(b, s.q_start, p.q_batch_stride, p.q_row_stride, h, p.q_head_stride);
   const T* do_ptr =
@@ -322,8 +325,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
   // Prologue: K, V and the first query tile.
   copy_tile<KTile, kThreads>(sK, k_ptr, p.k_row_stride, col0, s.seqlen_k, tid0);
   copy_tile<KTile, kThreads>(sV, v_ptr, p.v_row_stride, col0, s.seqlen_k, tid0);
-  if (m_begin < m_end) {
-    const int row0 = m_begin * kBlockM;
+  if (m_first < m_end) {
+    const int row0 = m_first * kBlockM;
     copy_tile<QTile, kThreads>(sQ, q_ptr, p.q_row_stride, row0, s.seqlen_q, tid0);
     copy_tile<QTile, kThreads>(sdO, do_ptr, p.do_row_stride, row0, s.seqlen_q, tid0);
     copy_row_stats<kBlockM, kThreads>(sLse, lse_ptr, row0, s.seqlen_q, tid0);
@@ -339,10 +342,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
 
   const float scale_log2 = p.softmax_scale_log2;
 
-  // Deferred dQ: one extra pass (m_block == m_end) that only adds the last tile's dQ.
-  for (int m_block = m_begin; m_block < m_end + (kDeferDq ? 1 : 0); ++m_block) {
-    const int stage = (m_block - m_begin) & 1;
+  // Deferred dQ: one extra pass (m_block == m_end) that only adds the last visited tile's dQ.
+  int stage = 0, m_prev = -1;  // m_prev: the tile visited before m_block
+  for (int m_block = m_first;;) {
+    if (m_block >= m_end && (!kDeferDq || m_prev < 0)) break;
     const int row0 = m_block * kBlockM;
+    const int m_next =
+        m_block < m_end ? mask_col<kBlockM>(p, opaque(b), h, col0).next(m_block + 1, m_end) : m_end;
     // Every per-thread index is re-derived each iteration from an opaque thread index: otherwise
     // the compiler hoists dozens of loop-invariant per-lane addresses and spills them.
     const int tid = opaque(tid0);
@@ -428,7 +434,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
 
     cp_async_wait<0>();
     __syncthreads();  // this stage has landed for all; everyone is done with the other stage and sdS
-    if (m_block + 1 < m_end) {
+    if (m_next < m_end) {
       // Source pointers re-derived from the parameters (opaque batch index): cheaper than the
       // four 64-bit registers they would hold across the loop.
       const int bi = opaque(b);
@@ -437,7 +443,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
       const T* qp = static_cast<const T*>(p.q) + si.tok(bi, si.q_start, p.q_batch_stride, p.q_row_stride, h, p.q_head_stride);
       const T* dop =
           static_cast<const T*>(p.dout) + si.tok(bi, si.q_start, p.do_batch_stride, p.do_row_stride, h, p.do_head_stride);
-      const int nrow0 = row0 + kBlockM;
+      const int nrow0 = m_next * kBlockM;
       copy_tile<QTile, kThreads>(sQ + (stage ^ 1) * QTile::kElems, qp, p.q_row_stride, nrow0, si.seqlen_q, tid);
       copy_tile<QTile, kThreads>(sdO + (stage ^ 1) * QTile::kElems, dop, p.do_row_stride, nrow0, si.seqlen_q, tid);
       copy_row_stats<kBlockM, kThreads>(sLse + (stage ^ 1) * kBlockM, p.lse + lo, nrow0, si.seqlen_q, tid);
@@ -447,9 +453,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
 
     if constexpr (kDeferDq) {
       // dQ of the previous tile: its dS^T (other buffer) is complete since the barrier above.
-      if (compute_dq && m_block > m_begin)
-        dq_phase(row0 - kBlockM, sdS_u + (stage ^ 1) * DSTile::kBytes);
-      if (m_block == m_end) break;
+      if (compute_dq && m_prev >= 0) dq_phase(m_prev * kBlockM, sdS_u + (stage ^ 1) * DSTile::kBytes);
+      if (m_block >= m_end) break;
     }
 
 
@@ -589,6 +594,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) flash_bwd_dkdv_k
         dq_phase(row0, sdS_u);
       }
     }
+    m_prev = m_block;
+    m_block = m_next;
+    stage ^= 1;
   }
 
   // Epilogue: dK (scaled) and dV through shared memory (K / V buffers) for 16-byte stores.
@@ -690,11 +698,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dq_kernel(const Fla
   }
   const int bh = b * p.num_heads_q + h;
 
+  // Block-sparse: only the key tiles of kept mask blocks are visited (all of them when dense).
+  const MaskLine<kBlockN> key_tiles = mask_row<kBlockN>(p, b, h, row0);
+  const int n_first = key_tiles.next(0, n_end);
   copy_tile<QTile, kThreads>(sQ, q_ptr, p.q_row_stride, row0, s.seqlen_q, tid);
   copy_tile<QTile, kThreads>(sdO, do_ptr, p.do_row_stride, row0, s.seqlen_q, tid);
-  if (n_end > 0) {
-    copy_tile<KTile, kThreads>(sK, k_ptr, p.k_row_stride, 0, s.seqlen_k, tid);
-    copy_tile<KTile, kThreads>(sV, v_ptr, p.v_row_stride, 0, s.seqlen_k, tid);
+  if (n_first < n_end) {
+    copy_tile<KTile, kThreads>(sK, k_ptr, p.k_row_stride, n_first * kBlockN, s.seqlen_k, tid);
+    copy_tile<KTile, kThreads>(sV, v_ptr, p.v_row_stride, n_first * kBlockN, s.seqlen_k, tid);
   }
   cp_async_commit();
 
@@ -719,17 +730,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dq_kernel(const Fla
     for (int e = 0; e < 4; ++e) acc_dq[d][e] = 0.f;
   const float scale_log2 = p.softmax_scale_log2;
 
-  for (int n_block = 0; n_block < n_end; ++n_block) {
-    const int stage = n_block & 1;
+  for (int n_block = n_first, stage = 0; n_block < n_end; stage ^= 1) {
+    const int n_next = key_tiles.next(n_block + 1, n_end);
     const int col0 = n_block * kBlockN;
     const T* sKs = sK + stage * KTile::kElems;
     const T* sVs = sV + stage * KTile::kElems;
     cp_async_wait<0>();
     __syncthreads();
-    if (n_block + 1 < n_end) {
-      copy_tile<KTile, kThreads>(sK + (stage ^ 1) * KTile::kElems, k_ptr, p.k_row_stride, col0 + kBlockN,
+    if (n_next < n_end) {
+      copy_tile<KTile, kThreads>(sK + (stage ^ 1) * KTile::kElems, k_ptr, p.k_row_stride, n_next * kBlockN,
                                  s.seqlen_k, tid);
-      copy_tile<KTile, kThreads>(sV + (stage ^ 1) * KTile::kElems, v_ptr, p.v_row_stride, col0 + kBlockN,
+      copy_tile<KTile, kThreads>(sV + (stage ^ 1) * KTile::kElems, v_ptr, p.v_row_stride, n_next * kBlockN,
                                  s.seqlen_k, tid);
     }
     cp_async_commit();
@@ -812,6 +823,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 2) flash_bwd_dq_kernel(const Fla
         mma_m16n8k16<T>(acc_dq[2 * dp + 1], sa, k1);
       }
     }
+    n_block = n_next;
   }
 
   // Epilogue: scale, stage through sQ (every read of sQ precedes the loop's last barrier; with no

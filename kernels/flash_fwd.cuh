@@ -10,7 +10,7 @@
 // K/V fragment read from shared memory feeds kStrips MMAs. The block walks the key tiles from the
 // last visible one down to 0: tiles that need a mask (the sequence end, the causal diagonal) come
 // first, and once one needs none, no lower one does. Tiles wholly above the diagonal are never
-// visited.
+// visited, nor (block-sparse, block_mask.cuh) the tiles of blocks the mask drops.
 //
 // Pipeline (cp.async; kKVStages): with one stage, one K and one V buffer alternate — while
 // S = Q K^T and the softmax run V[n] streams in, while O += P V runs K[n-1] streams in; with two
@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <cuda_runtime.h>
 
+#include "block_mask.cuh"
 #include "flash.h"
 #include "mma.cuh"
 #include "philox.cuh"
@@ -115,7 +116,7 @@ struct TileLoader {
   }
 };
 
-template <typename Tr, bool kIsCausal, bool kHasDropout>
+template <typename Tr, bool kIsCausal, bool kHasDropout, bool kSparse>
 __device__ __forceinline__ void flash_fwd_block(const FlashFwdParams& p) {
   using T = typename Tr::T;
   using QTile = typename Tr::QTile;
@@ -165,7 +166,17 @@ __device__ __forceinline__ void flash_fwd_block(const FlashFwdParams& p) {
     n_block_max = min(n_block_max, last_key <= 0 ? 0 : (last_key + kBlockN - 1) / kBlockN);
   }
 
-  if (n_block_max == 0) {  // no query row of this tile sees any key: o = 0, lse = -inf
+  // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited. A template switch,
+  // not a runtime one: the mask walk costs the dense instances registers they do not have (and the
+  // dense path below keeps its original spelling, which ptxas allocates without spills).
+  // The first visited tile comes from the mask in global memory; the block's mask row is then
+  // staged in shared memory (after the K/V tiles) so that each later step of the walk is a shared-
+  // memory read, not a dependent global load.
+  const int n_first = kSparse ? mask_row<kBlockN>(p, b, h, row0).prev(n_block_max) : n_block_max - 1;
+  uint8_t* smem_mask = reinterpret_cast<uint8_t*>(smem_raw + Tr::kSmemBytes);
+  auto prev_kept = [&](int n_block) { return prev_kept_smem<kBlockN>(smem_u32(smem_raw) + Tr::kSmemBytes, n_block); };
+
+  if (kSparse ? n_first < 0 : n_block_max == 0) {  // no row of this tile sees any key: o = 0, lse = -inf
     T* o_ptr;
     float* lse_ptr;
     out_ptrs(o_ptr, lse_ptr);
@@ -191,7 +202,13 @@ __device__ __forceinline__ void flash_fwd_block(const FlashFwdParams& p) {
   }
   const int bh = b * p.num_heads_q + h;
 
-  // Shared memory: Q | K0 | V0 (| K1 | V1 with two stages).
+  if constexpr (kSparse) {
+    const uint8_t* row = mask_row<kBlockN>(p, b, h, row0).flags;
+    for (int c = tid; c < p.block_mask_cols; c += kNThreads) smem_mask[c] = row[c];
+    __syncthreads();
+  }
+
+  // Shared memory: Q | K0 | V0 (| K1 | V1 with two stages) (| the mask row, block-sparse).
   const uint32_t sQ_u = smem_u32(sQ);
   constexpr uint32_t kStageBytes = 2 * KTile::kBytes;
   uint32_t kv_stage = 0;  // byte offset of the current K/V stage
@@ -204,9 +221,9 @@ __device__ __forceinline__ void flash_fwd_block(const FlashFwdParams& p) {
   cp_async_commit();
   const TileLoader<KTile, kNThreads> kv_loader(tid);
   const int64_t kv_lane = kv_off + kv_loader.lane_offset(tid, p.k_row_stride);
-  kv_loader.load(sK0_u, k_gmem + kv_lane, k_gmem, p.k_row_stride, (n_block_max - 1) * kBlockN, seqlen_k);
+  kv_loader.load(sK0_u, k_gmem + kv_lane, k_gmem, p.k_row_stride, (kSparse ? n_first : n_block_max - 1) * kBlockN, seqlen_k);
   if constexpr (Tr::kKVStages == 2)
-    kv_loader.load(sK0_u + KTile::kBytes, v_gmem + kv_lane, v_gmem, p.k_row_stride, (n_block_max - 1) * kBlockN, seqlen_k);
+    kv_loader.load(sK0_u + KTile::kBytes, v_gmem + kv_lane, v_gmem, p.k_row_stride, (kSparse ? n_first : n_block_max - 1) * kBlockN, seqlen_k);
   cp_async_commit();
 
   const int warp_row = warp * Tr::kRowsPerWarp;  // first row of this warp inside the tile
@@ -248,18 +265,22 @@ __device__ __forceinline__ void flash_fwd_block(const FlashFwdParams& p) {
   // One key tile: S = Q K^T, mask (kMask), online softmax, dropout, O += P V. The masked tiles
   // (sequence end, causal diagonal) are the highest ones; they run in a loop of their own so the
   // register allocation of the unmasked loop is not burdened by the mask arithmetic.
-  auto process_tile = [&](const int n_block, const bool need_mask) {
+  // n_next: the tile visited after n_block (< 0: none), prefetched during n_block. Block-sparse, it
+  // is found at the top of the tile, before the score accumulators are live (found later, the walk's
+  // temporaries spill); dense, it is spelled from col0 where used, which ptxas allocates best.
+  auto process_tile = [&](const int n_block, const int n_next, const bool need_mask) {
     const int col0 = n_block * kBlockN;
     const uint32_t sK_u = sK0_u + kv_stage, sV_u = sK_u + KTile::kBytes;
     cp_async_wait<0>();  // K[n_block] (two stages: and V[n_block]; first tile: and Q) have landed
     __syncthreads();     // ... for every thread; and everyone is done reading the buffers refilled next
+    auto next_col0 = [&]() { return kSparse ? n_next * kBlockN : col0 - kBlockN; };
     if constexpr (Tr::kKVStages == 1) {
       kv_loader.load(sV_u, v_gmem + kv_lane, v_gmem, p.k_row_stride, col0, seqlen_k);
       cp_async_commit();
-    } else if (n_block > 0) {  // prefetch the next tile into the other stage
+    } else if (const int next = next_col0(); kSparse ? next >= 0 : n_block > 0) {  // prefetch
       const uint32_t nk = sK0_u + (kv_stage ^ kStageBytes);
-      kv_loader.load(nk, k_gmem + kv_lane, k_gmem, p.k_row_stride, col0 - kBlockN, seqlen_k);
-      kv_loader.load(nk + KTile::kBytes, v_gmem + kv_lane, v_gmem, p.k_row_stride, col0 - kBlockN, seqlen_k);
+      kv_loader.load(nk, k_gmem + kv_lane, k_gmem, p.k_row_stride, next, seqlen_k);
+      kv_loader.load(nk + KTile::kBytes, v_gmem + kv_lane, v_gmem, p.k_row_stride, next, seqlen_k);
       cp_async_commit();
     }
 
@@ -394,8 +415,8 @@ __device__ __forceinline__ void flash_fwd_block(const FlashFwdParams& p) {
     if constexpr (Tr::kKVStages == 1) {
       cp_async_wait<0>();  // V[n_block] has landed
       __syncthreads();     // ... for every thread; and everyone is done reading K[n_block]
-      if (n_block > 0) {
-        kv_loader.load(sK_u, k_gmem + kv_lane, k_gmem, p.k_row_stride, col0 - kBlockN, seqlen_k);
+      if (const int next = next_col0(); kSparse ? next >= 0 : n_block > 0) {
+        kv_loader.load(sK_u, k_gmem + kv_lane, k_gmem, p.k_row_stride, next, seqlen_k);
         cp_async_commit();
       }
     }
@@ -426,8 +447,16 @@ __device__ __forceinline__ void flash_fwd_block(const FlashFwdParams& p) {
     const int col0 = n_block * kBlockN;
     return col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
   };
-  int n_block = n_block_max - 1;
-  for (; n_block >= 0; --n_block) process_tile(n_block, needs_mask(n_block));
+  if constexpr (kSparse) {
+    for (int n_block = n_first; n_block >= 0;) {
+      const int n_next = prev_kept(n_block);
+      process_tile(n_block, n_next, needs_mask(n_block));
+      n_block = n_next;
+    }
+  } else {
+    int n_block = n_block_max - 1;
+    for (; n_block >= 0; --n_block) process_tile(n_block, 0, needs_mask(n_block));
+  }
 
   // Epilogue: normalise, write LSE, stage O through shared memory (the Q buffer: every thread's
   // last read of sQ came before the loop's last barrier) for 16-byte coalesced stores.
@@ -468,16 +497,16 @@ __device__ __forceinline__ void flash_fwd_block(const FlashFwdParams& p) {
 
 // Tiles tuned for Hopper's register allocation (Traits::kSm90Only) are compiled only for sm_90+;
 // on older GPUs the host dispatch launches FwdConfig::TraitsSm8x instead, so this never traps.
-template <typename Tr, bool kIsCausal, bool kHasDropout>
+template <typename Tr, bool kIsCausal, bool kHasDropout, bool kSparse>
 __global__ void __launch_bounds__(Tr::kNThreads, Tr::kMinBlocksPerSm) flash_fwd_kernel(const FlashFwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (Tr::kSm90Only) {
     __trap();
   } else {
-    flash_fwd_block<Tr, kIsCausal, kHasDropout>(p);
+    flash_fwd_block<Tr, kIsCausal, kHasDropout, kSparse>(p);
   }
 #else
-  flash_fwd_block<Tr, kIsCausal, kHasDropout>(p);
+  flash_fwd_block<Tr, kIsCausal, kHasDropout, kSparse>(p);
 #endif
 }
 
@@ -489,24 +518,31 @@ struct Sm90Only : Base {
 
 // Per head dim (and dropout, whose Philox state needs registers): the tile shape
 // (kBlockM, kBlockN, warps, Q held in registers, Q K^T unroll, K/V stages). Every choice compiles
-// without spills; kernels/NOTES.md has the measurements behind them.
+// without spills; kernels/NOTES.md has the measurements behind them. TraitsSparse / TraitsSparseSm8x:
+// the block-sparse instances (sm_90+ / older), the dense tiles except where the walk spills.
 template <int kHeadDim, bool kHasDropout, typename T>
 struct FwdConfig;
 template <bool kHasDropout, typename T>
 struct FwdConfig<32, kHasDropout, T> {
   using Traits = FwdTraits<32, 128, kHasDropout ? 32 : 128, 4, true, T, 0, 2>;
   using TraitsSm8x = Traits;
+  using TraitsSparse = Traits;
+  using TraitsSparseSm8x = Traits;
 };
 template <bool kHasDropout, typename T>
 struct FwdConfig<64, kHasDropout, T> {
   using Traits = FwdTraits<64, 128, kHasDropout ? 32 : 64, 4, true, T, 0, 2>;
   using TraitsSm8x = Traits;
+  using TraitsSparse = Traits;
+  using TraitsSparseSm8x = Traits;
 };
 template <bool kHasDropout, typename T>
 struct FwdConfig<96, kHasDropout, T> {
   using Traits = std::conditional_t<kHasDropout, FwdTraits<96, 64, 64, 4, true, T, 0, 2>,
                                     FwdTraits<96, 128, 64, 4, false, T, 2, 2>>;
   using TraitsSm8x = Traits;
+  using TraitsSparse = Traits;
+  using TraitsSparseSm8x = Traits;
 };
 template <bool kHasDropout, typename T>
 struct FwdConfig<128, kHasDropout, T> {  // two K/V stages spill here and measured no faster
@@ -514,15 +550,21 @@ struct FwdConfig<128, kHasDropout, T> {  // two K/V stages spill here and measur
                                     Sm90Only<FwdTraits<128, 128, 64, 4, false, T, 2, 1>>>;
   // sm_8x: 128 x 64 spills a few bytes there, 128 x 32 does not (FlashAttention-2's A100 choice too).
   using TraitsSm8x = std::conditional_t<kHasDropout, Traits, FwdTraits<128, 128, 32, 4, false, T>>;
+  // Block-sparse: the dense sm_90 tile with the Q K^T loop unrolled x4 (x2 spills 8 B with the walk);
+  // with dropout 64 x 32 (64 x 64 spills 4 B on sm_80 with the walk).
+  using SparseDropout = FwdTraits<128, 64, 32, 4, true, T, 0, 2>;
+  using TraitsSparse =
+      std::conditional_t<kHasDropout, SparseDropout, Sm90Only<FwdTraits<128, 128, 64, 4, false, T, 4, 1>>>;
+  using TraitsSparseSm8x = std::conditional_t<kHasDropout, SparseDropout, TraitsSm8x>;
 };
 
-template <typename Tr, bool kIsCausal, bool kHasDropout>
+template <typename Tr, bool kIsCausal, bool kHasDropout, bool kSparse>
 void launch_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
-  auto kernel = flash_fwd_kernel<Tr, kIsCausal, kHasDropout>;
-  constexpr int kSmem = Tr::kSmemBytes;
-  if (kSmem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  auto kernel = flash_fwd_kernel<Tr, kIsCausal, kHasDropout, kSparse>;
+  const int smem = Tr::kSmemBytes + (kSparse ? (p.block_mask_cols + 15) / 16 * 16 : 0);  // + the mask row
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.num_heads_q, p.batch);
-  kernel<<<grid, Tr::kNThreads, kSmem, stream>>>(p);
+  kernel<<<grid, Tr::kNThreads, smem, stream>>>(p);
 }
 
 // Compute capability major of the current device (cached per device).
@@ -537,8 +579,12 @@ inline int device_major() {
 
 template <typename Config, bool kIsCausal, bool kHasDropout>
 void launch_for_arch(const FlashFwdParams& p, cudaStream_t stream) {
-  if (device_major() >= 9) launch_flash_fwd<typename Config::Traits, kIsCausal, kHasDropout>(p, stream);
-  else launch_flash_fwd<typename Config::TraitsSm8x, kIsCausal, kHasDropout>(p, stream);
+  if (p.block_mask != nullptr && device_major() >= 9)
+    launch_flash_fwd<typename Config::TraitsSparse, kIsCausal, kHasDropout, true>(p, stream);
+  else if (p.block_mask != nullptr)
+    launch_flash_fwd<typename Config::TraitsSparseSm8x, kIsCausal, kHasDropout, true>(p, stream);
+  else if (device_major() >= 9) launch_flash_fwd<typename Config::Traits, kIsCausal, kHasDropout, false>(p, stream);
+  else launch_flash_fwd<typename Config::TraitsSm8x, kIsCausal, kHasDropout, false>(p, stream);
 }
 
 // One explicit instantiation per (head dim, dtype) lives in flash_fwd_hdim*_*.cu.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +25,16 @@ from omegaconf import DictConfig, OmegaConf
 from longctx.config import ConfigError, apply_overrides, compose, parse_argv, to_yaml, validate
 
 RUNS = Path("runs")
+RUN_DIR_ENV = "LONGCTX_RUN_DIR"  # set for the processes Lightning launches, so all ranks share the run
+
+
+def _new_run_dir(cfg: DictConfig) -> Path:
+    """runs/<experiment or model>-<timestamp>; refused under an external multi-process launcher
+    (torchrun, srun), whose processes would each pick their own timestamp."""
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+        raise ConfigError("a multi-process launch (torchrun, srun) needs run_dir=PATH, the same for every "
+                          "process")
+    return RUNS / f"{cfg.get('experiment') or cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _fail(message: str) -> None:
@@ -51,8 +62,7 @@ def resolve_run(argv: Sequence[str]) -> tuple[DictConfig, Path, Path | None]:
         raise ConfigError(f"resume expects true or false, got '{resume}'")
     if not resume:
         cfg = compose(argv)
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else RUNS / (
-            f"{cfg.get('experiment') or cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(cfg.run_dir or os.environ.get(RUN_DIR_ENV) or _new_run_dir(cfg))
         if (run_dir / "checkpoints" / "last.ckpt").exists():
             raise ConfigError(f"run_dir={run_dir} already holds a run; pass resume=true to continue it "
                               "or choose another run_dir")
@@ -87,25 +97,29 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[Any]
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from longctx.callbacks import AtomicCheckpointIO, MetricsLog, StepSeed, Throughput
+    from longctx import callbacks as cb
+    from longctx.distributed import accumulation, build_strategy
 
     t = cfg.trainer
+    accumulate = accumulation(cfg)
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=t.ckpt_every_n_steps, save_last=True,
                         save_top_k=0),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
                         enable_version_counter=False, auto_insert_metric_name=False),
-        Throughput(), MetricsLog(run_dir / "metrics.jsonl"), StepSeed(cfg.seed), *extra_callbacks,
+        cb.Throughput(t.get("peak_tflops")), cb.MetricsLog(run_dir / "metrics.jsonl"), cb.StepSeed(cfg.seed),
+        cb.ElasticResume(cfg.data.batch_size), cb.FinalStepCheckpoint(ckpt_dir / "last.ckpt"),
+        *extra_callbacks,
     ]
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(cfg),
         precision=_precision(cfg), max_steps=t.max_steps, max_epochs=-1,
-        accumulate_grad_batches=t.accumulate_grad_batches,  # gradient clipping: the task's own
-        val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches, check_val_every_n_epoch=None,
+        accumulate_grad_batches=accumulate,  # gradient clipping: the task's own
+        val_check_interval=t.val_every_n_steps * accumulate, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, callbacks=callbacks, logger=False,
-        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False, default_root_dir=str(run_dir),
+        plugins=[cb.AtomicCheckpointIO()], use_distributed_sampler=False, default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
     )
 
@@ -138,24 +152,40 @@ def train(argv: Sequence[str]) -> dict[str, float]:
         import lightning as L
 
         from longctx.data import build_datamodule
+        from longctx.distributed import accumulation, apply_model_options
         from longctx.tasks import build_task
 
+        accumulation(cfg)  # a global batch that does not divide fails here, in one line
         data = build_datamodule(cfg)
         data.prepare_data()  # tokenize and cache now, so a data error is one line, not a traceback
     except (ConfigError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     print(to_yaml(cfg), end="")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:
+    if ckpt is None and L.pytorch.utilities.rank_zero_only.rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(f"run directory: {run_dir}" + (f" (resuming from {ckpt})" if ckpt else ""))
 
     _reuse_freed_cpu_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = build_task(cfg)
+    if ckpt is None and cfg.task.get("init_from"):  # fine-tune from another run's weights
+        from longctx.tasks.warm_start import warm_start
+
+        try:
+            warm_start(task, cfg.task.init_from, cfg.task.get("position_grid_upscale", 1))
+        except ValueError as err:
+            _fail(str(err))
+    apply_model_options(task, cfg.trainer)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(task, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, whatever the interval
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        trainer.fit(task, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+    last = run_dir / "checkpoints" / "last.ckpt"  # FinalStepCheckpoint saved it at max_steps
+    if trainer.global_step < cfg.trainer.max_steps or not last.exists():
+        trainer.save_checkpoint(last)  # stopped before max_steps: keep where it stopped
     if "val/loss" not in trainer.callback_metrics:
         trainer.validate(task, datamodule=data, verbose=False)
     val_loss = float(trainer.callback_metrics["val/loss"])

@@ -24,12 +24,20 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 GROUPS = ("model", "data", "task", "trainer")
-ATTN_IMPLS = ("auto", "flash", "reference", "standard", "sdpa", "blocksparse")
+# Approximate attentions, built by longctx.models.approx.
+APPROX_ATTNS = ("linformer", "performer", "linear", "local", "reformer")
+ATTN_IMPLS = ("auto", "flash", "reference", "standard", "sdpa", "blocksparse", *APPROX_ATTNS)
 # Which model architectures each task trains (task.arch -> model.arch).
 TASK_MODELS = {"causal_lm": ("gpt2",)}
 TASK_MODELS["masked_lm"] = ("bert",)
 TASK_MODELS["classify"] = ("bert",)
+# The data a task reads when neither the command line nor the experiment picks one (the root default
+# is LM data), and the data kinds it can read (task.arch -> data.kind), where they are fixed.
+TASK_DEFAULT_DATA = {"masked_lm": "shakespeare_mlm"}
+TASK_DATA_KINDS = {"masked_lm": ("mlm",)}
 PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
+# Keys that take a number or one of these words.
+NUMBER_OR_WORD = {"task.threshold": ("tune",)}
 
 
 class ConfigError(ValueError):
@@ -100,6 +108,10 @@ def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
 
 def _coerce(key: str, old: Any, new: Any) -> Any:
     """Check that an override fits the type of the value it replaces."""
+    if key in NUMBER_OR_WORD:
+        if new in NUMBER_OR_WORD[key] or isinstance(new, (int, float)) and not isinstance(new, bool):
+            return new
+        raise ConfigError(f"{key} expects a number or {' / '.join(NUMBER_OR_WORD[key])}, got '{new}'")
     if old is None or new is None:
         return new
     if isinstance(old, bool):
@@ -149,14 +161,18 @@ def compose(argv: Sequence[str]) -> DictConfig:
     seqlens = [v for k, v in pairs if k == "seqlen"]
 
     experiment: dict = {}
+    chosen = set(cli_picks)
     if "experiment" in cli_picks:
         experiment = _load_choice("experiment", cli_picks["experiment"])
         for group, name in (experiment.pop("defaults", None) or {}).items():
             if group not in GROUPS:
                 raise ConfigError(f"experiment '{cli_picks['experiment']}': unknown group '{group}'")
             picks[group] = str(name)
+            chosen.add(group)
         root["experiment"] = cli_picks["experiment"]
     picks.update({k: v for k, v in cli_picks.items() if k != "experiment"})
+    if "data" not in chosen and picks["task"] in TASK_DEFAULT_DATA:
+        picks["data"] = TASK_DEFAULT_DATA[picks["task"]]
 
     cfg = OmegaConf.create(root)
     for group in GROUPS:
@@ -198,6 +214,10 @@ def validate(cfg: DictConfig) -> None:
                           f"{cfg.data.get('vocab_size')} (the WordPiece vocabulary); "
                           "set data.vocab_size only")
     task_arch, model_arch = cfg.task.get("arch"), cfg.model.get("arch")
+    kinds = TASK_DATA_KINDS.get(task_arch)
+    if kinds and cfg.data.get("kind") not in kinds:
+        raise ConfigError(f"task={cfg.task.name} reads data of kind {', '.join(kinds)}; data={cfg.data.name} "
+                          f"is kind {cfg.data.get('kind')} (e.g. data={TASK_DEFAULT_DATA[task_arch]})")
     if task_arch in TASK_MODELS and model_arch not in TASK_MODELS[task_arch]:
         raise ConfigError(f"task={cfg.task.name} trains model.arch {', '.join(TASK_MODELS[task_arch])}; "
                           f"model={cfg.model.name} is arch {model_arch} (no task for it yet)")
@@ -205,9 +225,23 @@ def validate(cfg: DictConfig) -> None:
     if attn is not None and attn not in ATTN_IMPLS:
         raise ConfigError(f"model.attn='{attn}' is not an attention implementation; choose from: "
                           f"{', '.join(ATTN_IMPLS)}")
+    if attn in APPROX_ATTNS:
+        from longctx.models.approx import approx_settings
+
+        approx = cfg.model.get("approx")
+        try:
+            approx_settings(attn, OmegaConf.to_container(approx) if approx is not None else None,
+                            causal=cfg.model.get("arch") == "gpt2", max_len=positions)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    threshold = cfg.task.get("threshold")
+    if threshold is not None and threshold != "tune" and not (
+            isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0 < threshold < 1):
+        raise ConfigError(f"task.threshold={threshold} must be 'tune' or a number in (0, 1)")
     precision = str(cfg.trainer.get("precision", "auto"))
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision='{precision}'; choose from: {', '.join(PRECISIONS)}")
+    _validate_scale(cfg)
     for key in ("corpus_path", "tokenizer_path", "paths"):
         value = cfg.data.get(key)
         paths = value.values() if isinstance(value, DictConfig) else value
@@ -216,6 +250,27 @@ def validate(cfg: DictConfig) -> None:
             for item in [path] if isinstance(path, str) else path:
                 if not Path(str(item)).exists():
                     raise ConfigError(f"data.{key}: no such file or directory: {item}")
+
+
+def _validate_scale(cfg: DictConfig) -> None:
+    """The multi-device options of the trainer section (longctx.distributed) that cannot combine."""
+    t = cfg.trainer
+    batch = t.get("global_batch_size")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ConfigError(f"trainer.global_batch_size expects a positive number of sequences or null, "
+                          f"got '{batch}'")
+    if batch is not None and t.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError(f"set trainer.global_batch_size ({batch}) or trainer.accumulate_grad_batches "
+                          f"({t.accumulate_grad_batches}), not both: the global batch sets the accumulation")
+    if t.get("strategy") == "fsdp" and str(t.get("precision")) in ("16-mixed", "64-true"):
+        raise ConfigError(f"trainer.precision={t.precision} does not run with trainer.strategy=fsdp; "
+                          "choose from: auto, bf16-mixed, bf16-true, 32-true")
+    if t.get("compile") and t.get("strategy") == "fsdp":
+        raise ConfigError("trainer.compile=true with trainer.strategy=fsdp is not supported; "
+                          "use strategy ddp or auto to compile")
+    if t.get("activation_checkpointing") and cfg.model.get("arch") != "gpt2":
+        raise ConfigError(f"trainer.activation_checkpointing=true supports model.arch gpt2; "
+                          f"model={cfg.model.name} is arch {cfg.model.get('arch')}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -14,10 +14,11 @@ from longctx.models.bert import Bert, BertConfig
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
-def _tiny(attn: str = "reference") -> Bert:
+def _tiny(attn: str = "reference", positions_skip_padding: bool = False) -> Bert:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=101, n_layer=2, n_head=4, n_embd=32, intermediate_size=48,
-                        max_positions=40, dropout=0.0, attn=attn)
+                        max_positions=40, dropout=0.0, attn=attn,
+                        positions_skip_padding=positions_skip_padding)
     model = Bert(config).eval()
     with torch.no_grad():  # nonzero LayerNorm parameters and biases, so a dropped term shows
         for p in model.parameters():
@@ -55,6 +56,21 @@ def test_padding_free_equals_each_sequence_alone(attn):
             alone = model(ids[i : i + 1, :n], token_type_ids=types[i : i + 1, :n])
             torch.testing.assert_close(packed[i, :n], alone[0], atol=1e-5, rtol=1e-5)
             assert (packed[i, n:] == 0).all()
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_left_padded_rows_equal_each_sequence_alone_when_positions_skip_padding(skip):
+    model = _tiny(positions_skip_padding=skip)
+    lengths = [19, 6, 11]
+    ids = torch.randint(1, 101, (3, 19))
+    mask = torch.arange(19).flip(0)[None] < torch.tensor(lengths)[:, None]  # real tokens at the right
+    with torch.no_grad():
+        packed = model(ids, attention_mask=mask.long())
+        for i, n in enumerate(lengths):
+            alone = model(ids[i : i + 1, 19 - n :])[0]
+            # Without skipping, a left-padded row's positions start at its pad count, not at 0.
+            assert torch.allclose(packed[i, 19 - n :], alone, atol=1e-5, rtol=1e-5) == (skip or n == 19)
+            assert (packed[i, : 19 - n] == 0).all()
 
 
 def test_bidirectional_and_heads_have_their_shapes():

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from longctx.models.hf import (  # noqa: E402
     bert_from_hf,
     bert_to_hf,
+    classification_head_from_hf,
     extend_positions,
     gpt2_from_hf,
     gpt2_to_hf,
@@ -29,9 +30,12 @@ def _perturb(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def _padded_batch(vocab: int, lengths: list[int], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_batch(vocab: int, lengths: list[int], pad: int = 0,
+                  side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     seqlen = max(lengths)
     mask = (torch.arange(seqlen)[None] < torch.tensor(lengths)[:, None]).long()
+    if side == "left":
+        mask = mask.flip(1)
     ids = torch.randint(pad + 1, vocab, (len(lengths), seqlen)).masked_fill(mask == 0, pad)
     return ids, mask
 
@@ -105,15 +109,21 @@ def test_bert_backbone_and_pooler_match_transformers(tmp_path, cls):
         torch.testing.assert_close(ours.pool(hidden), out.pooler_output, atol=ATOL, rtol=0)
 
 
-def test_roberta_mlm_matches_transformers_and_round_trips(tmp_path):
+def _roberta_hf(cls: type, **extra) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.RobertaConfig(max_position_embeddings=42, pad_token_id=1, type_vocab_size=1,
-                                        **BERT_SIZES)
-    hf = _perturb(transformers.RobertaForMaskedLM(config))
+                                        **BERT_SIZES, **extra)
+    return _perturb(cls(config))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_roberta_mlm_matches_transformers_and_round_trips(tmp_path, side):
+    # RoBERTa counts positions over real tokens only: a left-padded row starts at position 0 too.
+    hf = _roberta_hf(transformers.RobertaForMaskedLM)
     hf.save_pretrained(tmp_path)
     ours = bert_from_hf(tmp_path, attn="reference").eval()
     assert ours.config.max_positions == 40
-    ids, mask = _padded_batch(99, [40, 17, 3], pad=1)
+    ids, mask = _padded_batch(99, [40, 17, 3], pad=1, side=side)
     real = mask.bool()
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask).logits
@@ -126,6 +136,45 @@ def test_roberta_mlm_matches_transformers_and_round_trips(tmp_path):
         torch.testing.assert_close(again[real], expected[real], atol=0, rtol=0)
     for (name, x), y in zip(ours.state_dict().items(), bert_from_hf(tmp_path / "out").state_dict().values()):
         assert torch.equal(x, y), name
+    with pytest.raises(ValueError, match="positions_skip_padding=True"):
+        bert_to_hf(ours, tmp_path / "as_bert", model_type="bert")
+
+
+def test_bert_left_padding_keeps_row_index_positions(tmp_path):
+    # BERT, unlike RoBERTa, numbers a token by its index in the padded row, pads included.
+    hf = _bert_hf(transformers.BertForMaskedLM)
+    hf.save_pretrained(tmp_path)
+    ours = bert_from_hf(tmp_path, attn="reference").eval()
+    ids, mask = _padded_batch(99, [30, 11], side="left")
+    real = mask.bool()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        got = ours.mlm_logits(ours(ids, attention_mask=mask))
+        torch.testing.assert_close(got[real], expected[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("problem", ["single_label_classification", "multi_label_classification"])
+def test_sequence_classifier_matches_transformers(tmp_path, kind, problem):
+    make = _bert_hf if kind == "bert" else _roberta_hf
+    cls = getattr(transformers, f"{'Bert' if kind == 'bert' else 'Roberta'}ForSequenceClassification")
+    hf = make(cls, num_labels=3, problem_type=problem, classifier_dropout=0.3)
+    hf.save_pretrained(tmp_path)
+    encoder = bert_from_hf(tmp_path, attn="reference").eval()
+    head = classification_head_from_hf(tmp_path).eval()
+    assert head.classifier.out_features == 3 and head.drop.p == 0.3
+    assert head.multi_label == (problem == "multi_label_classification")
+    ids, mask = _padded_batch(99, [33, 8, 20], pad=1 if kind == "roberta" else 0)
+    with torch.no_grad():
+        hidden = encoder(ids, attention_mask=mask)
+        got = head(hidden, mask, encoder.pool(hidden))
+        torch.testing.assert_close(got, hf(input_ids=ids, attention_mask=mask).logits, atol=ATOL, rtol=0)
+
+
+def test_classification_head_needs_a_classifier_checkpoint(tmp_path):
+    _bert_hf(transformers.BertForMaskedLM).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no sequence classifier"):
+        classification_head_from_hf(tmp_path)
 
 
 def test_bert_export_round_trips_and_bin_weights_load(tmp_path):
@@ -180,3 +229,26 @@ def test_loading_with_longer_positions(tmp_path, mode):
         torch.testing.assert_close(ours.wpe.weight[[0, 33, 99]], table[[0, 13, 39]])
     with torch.no_grad():
         assert ours(torch.randint(1, 99, (1, 100))).shape == (1, 100, 32)
+
+
+def test_a_hub_name_loads_through_huggingface_hub(tmp_path, monkeypatch):
+    # Offline: snapshot_download is replaced by a stand-in that serves a local save_pretrained folder.
+    hf = _bert_hf(transformers.BertModel)
+    hf.save_pretrained(tmp_path / "snapshot")
+    asked = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        asked.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    ours = bert_from_hf("someone/tiny-bert", attn="reference")
+    assert asked[0][0] == "someone/tiny-bert" and "*.safetensors" in asked[0][1]
+    assert torch.equal(ours.wte.weight, hf.embeddings.word_embeddings.weight)
+
+    def offline(repo_id: str, allow_patterns: list[str]) -> str:
+        raise OSError("we are offline")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="nobody/missing is not a local directory.*we are offline"):
+        bert_from_hf("nobody/missing")

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 import longctx.ops.reference as reference_module
+from longctx.models.bert import Bert, BertConfig
 from longctx.models.gpt2 import GPT2, GPT2Config
 from longctx.models.layers import SelfAttention
 from longctx.ops import attention
@@ -118,6 +119,25 @@ def test_reference_matches_standard(pattern: str, seqlens: tuple[int, int], caus
     _assert_lse_equal(ref[1], std[1])
     for a, b in zip(ref[2], std[2]):
         torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("impl", ["reference", "standard"])
+def test_varlen_uses_each_sequences_mask_in_its_own_coordinates(impl: str, causal: bool) -> None:
+    """Packed sequences of lengths 300, 129, 260 with a different (1, Hq, 3, 3) mask each equal the
+    naive formula run on each sequence alone with its mask cropped to its blocks."""
+    lengths = [300, 129, 260]
+    q, k, v = (x.detach()[0] for x in _inputs(sum(lengths), sum(lengths), batch=1))
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(3, 4, 3, 3, generator=g) < 0.6
+    cu = torch.tensor([0, 300, 429, 689], dtype=torch.int32)
+    out = attention(q, k, v, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=300,
+                    max_seqlen_k=300, block_mask=mask, impl=impl)
+    for b, n in enumerate(lengths):
+        span = slice(int(cu[b]), int(cu[b + 1]))
+        nb = _blocks(n)
+        want, _ = _naive(q[None, span], k[None, span], v[None, span], mask[b : b + 1, :, :nb, :nb], causal)
+        torch.testing.assert_close(out[span], want[0], rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -343,9 +363,8 @@ def _bad_calls() -> list:
         "dtype": ({"block_mask": good.float()}, "block_mask must have dtype torch.bool"),
         "type": ({"block_mask": good.tolist()}, "block_mask must be a torch.Tensor"),
         "device": ({"block_mask": good.to("meta")}, "block_mask must be on q's device"),
-        "flash": ({"block_mask": good, "impl": "flash"}, "runs on impl='reference' or 'standard' until"),
-        "sdpa": ({"block_mask": good, "impl": "sdpa"}, "runs on impl='reference' or 'standard' until"),
-        "varlen": ({**packed, "block_mask": good}, "not supported with packed varlen"),
+        "sdpa": ({"block_mask": good, "impl": "sdpa"}, "not on 'sdpa'"),
+        "varlen": ({**packed, "block_mask": good}, r"block_mask must have shape \(batch 1 or 1, heads 4"),
     }
     return [pytest.param({"q": q, "k": k, "v": v, **kw}, m, id=name) for name, (kw, m) in cases.items()]
 
@@ -390,6 +409,26 @@ def test_blocksparse_gpt2_with_a_local_pattern_is_sparse() -> None:
     changed = idx.clone()
     changed[:, :256] = torch.randint(0, 101, (1, 256))
     torch.testing.assert_close(model(idx)[:, 256:], model(changed)[:, 256:], rtol=TOL, atol=TOL)
+
+
+def test_blocksparse_bert_padding_free_equals_padded() -> None:
+    """BERT with attn=blocksparse: the packed (padding-free) path runs each row with the pattern in
+    its own coordinates, so row 0 (unpadded) equals the same row run alone without a mask, and a
+    local:0 pattern stops block 2 from seeing blocks 0 and 1."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=101, n_layer=1, n_head=2, n_embd=32, intermediate_size=64, max_positions=400,
+                     dropout=0.0, attn="blocksparse", attn_pattern="local:0")
+    model = Bert(cfg).double().eval()
+    ids = torch.randint(0, 101, (2, 300))
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, 200:] = 0
+    packed = model(ids, attention_mask=mask)
+    alone = model(ids[:1])  # no attention_mask: the padded path
+    torch.testing.assert_close(packed[0], alone[0], rtol=TOL, atol=TOL)
+    changed = ids.clone()
+    changed[:, :256] = torch.randint(0, 101, (2, 256))
+    after = model(changed, attention_mask=mask)
+    torch.testing.assert_close(after[0, 256:], packed[0, 256:], rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize(

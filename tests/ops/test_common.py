@@ -1,8 +1,18 @@
-"""The dropout RNG: Philox4x32-10 known answers and the keep-mask convention of kernels/philox.cuh."""
+"""The dropout RNG (Philox4x32-10 known answers, the keep-mask convention of kernels/philox.cuh) and
+the check of packed-batch offsets."""
 
+import pytest
 import torch
+from torch import Tensor
 
-from longctx.ops.common import Dropout, causal_visible, dropout_keep_mask, keep_threshold, philox4x32_10
+from longctx.ops.common import (
+    Dropout,
+    causal_visible,
+    check_cu_seqlens,
+    dropout_keep_mask,
+    keep_threshold,
+    philox4x32_10,
+)
 
 
 def _words(counter: tuple[int, int, int, int], key: tuple[int, int]) -> list[int]:
@@ -78,3 +88,32 @@ def test_causal_visible_is_bottom_right_aligned() -> None:
     assert torch.equal(causal_visible(rows, cols, 4, 6, torch.device("cpu")), expected)
     # More queries than keys: the first two rows see nothing.
     assert not causal_visible(range(5), range(3), 5, 3, torch.device("cpu"))[:2].any()
+
+
+def test_cu_seqlens_are_read_back_once_per_tensor(monkeypatch) -> None:
+    """Layers share one cu_seqlens: its values are checked (a host read) once, then remembered until
+    the tensor changes in place."""
+    x = torch.zeros(7, 2, 8)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    reads = []
+    original = Tensor.tolist
+    monkeypatch.setattr(Tensor, "tolist", lambda self: reads.append(1) or original(self))
+    for _ in range(3):
+        check_cu_seqlens("q", cu, 8, x, 3)
+    assert len(reads) == 1
+    cu[1] = 5  # modified in place: checked again (still valid)
+    check_cu_seqlens("q", cu, 8, x, 3)
+    assert len(reads) == 2
+    cu[1] = 8  # now the lengths are 8 and -1
+    with pytest.raises(ValueError, match="non-decreasing"):
+        check_cu_seqlens("q", cu, 8, x, 3)
+
+
+def test_cu_seqlens_check_works_in_inference_mode() -> None:
+    with torch.inference_mode():
+        x = torch.zeros(7, 2, 8)
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        check_cu_seqlens("k", cu, 4, x, 3)
+        check_cu_seqlens("k", cu, 4, x, 3)
+        with pytest.raises(ValueError, match="max_seqlen_k must be >= the longest length 4"):
+            check_cu_seqlens("k", cu, 3, x, 3)

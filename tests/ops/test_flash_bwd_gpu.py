@@ -164,7 +164,7 @@ def test_backward_dropout_uses_the_forward_mask(head_dim, causal):
     scale = 1.0 / math.sqrt(head_dim)
     rng = torch.tensor([seed, offset], dtype=torch.int64, device="cuda")
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    out, _ = flash.flash_fwd(*leaves, None, None, sq, sk, p, scale, causal, rng, False)
+    out, _ = flash.flash_fwd(*leaves, None, None, sq, sk, p, scale, causal, rng, False, None)
     out.backward(dout)
     bh = batch_head_index(0, batch, heads, q.device)
     keep = dropout_keep_mask(seed, offset, bh, range(sq), range(sk), p)

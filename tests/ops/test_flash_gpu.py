@@ -164,7 +164,7 @@ def test_dropout_output_uses_that_mask(head_dim, causal):
     q, k, v = make_qkv(2, 257, 300, 2, 2, head_dim, torch.bfloat16, seed=13)
     scale = 1.0 / math.sqrt(head_dim)
     rng = _rng(seed, offset)
-    out, lse = torch.ops.longctx.flash_fwd(q, k, v, None, None, 257, 300, p, scale, causal, rng, False)
+    out, lse = torch.ops.longctx.flash_fwd(q, k, v, None, None, 257, 300, p, scale, causal, rng, False, None)
     keep = flash.flash_dropout_mask(q, k, v, p, scale, causal, rng)
     ref, _ = attention_fp32(q, k, v, causal=causal, softmax_scale=scale, keep=keep, dropout_p=p)
     low = attention_lowp(q, k, v, causal=causal, softmax_scale=scale, keep=keep, dropout_p=p)
@@ -204,14 +204,15 @@ def test_dropout_same_mask_as_reference_for_a_manual_seed():
 def test_opcheck():
     q, k, v = make_qkv(2, 65, 80, 4, 2, 64, torch.float16, seed=15)
     torch.library.opcheck(
-        torch.ops.longctx.flash_fwd.default, (q, k, v, None, None, 65, 80, 0.0, 0.125, True, None, False)
+        torch.ops.longctx.flash_fwd.default,
+        (q, k, v, None, None, 65, 80, 0.0, 0.125, True, None, False, None),
     )
     cu, max_len = random_cu_seqlens(3, 50, seed=1)
     total = int(cu[-1])
     qv, kv, vv = (x[0] for x in make_qkv(1, total, total, 2, 2, 32, torch.bfloat16, seed=16))
     torch.library.opcheck(
         torch.ops.longctx.flash_fwd.default,
-        (qv, kv, vv, cu, cu, max_len, max_len, 0.0, 0.2, False, None, False),
+        (qv, kv, vv, cu, cu, max_len, max_len, 0.0, 0.2, False, None, False, None),
     )
     torch.library.opcheck(
         torch.ops.longctx.flash_dropout_mask.default, (q, k, v, 0.1, 0.125, False, _rng(1, 2))
@@ -286,7 +287,7 @@ from longctx.ops import flash
 assert flash.is_available()
 big = torch.randn(1, 64, 2, 160, device="cuda", dtype=torch.float16)
 try:
-    torch.ops.longctx_C.fwd(big, big, big, None, None, 64, 64, 0.0, 0.1, False, None, False, 0)
+    torch.ops.longctx_C.fwd(big, big, big, None, None, 64, 64, 0.0, 0.1, False, None, False, None, 0)
 except ValueError as err:
     print("ValueError:", err)
     sys.exit(0)

@@ -547,7 +547,7 @@ def invalid_calls() -> list:
         "cu-decreasing": (_with(vl, cu_seqlens_q=_cu(0, 6, 5, 8)), "cu_seqlens_q must .* be non-decreasing"),
         "cu-start": (_with(vl, cu_seqlens_k=_cu(1, 4, 8)), "cu_seqlens_k must start at 0"),
         "cu-total": (_with(vl, cu_seqlens_q=_cu(0, 3, 7)), "cu_seqlens_q must end at the total token count"),
-        "max-missing": (_with(vl, max_seqlen_k=None), "max_seqlen_k is required with cu_seqlens_k"),
+        "max-missing": (_with(vl, max_seqlen_k=None), "max_seqlen_k must be a positive int"),
         "max-short": (_with(vl, max_seqlen_q=4), "max_seqlen_q must be >= the longest length 5"),
         "max-padded": (_with(p, max_seqlen_q=8), "max_seqlen_q / max_seqlen_k are only allowed with"),
         "dropout-high": (_with(p, dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),

@@ -123,3 +123,17 @@ def test_missing_paths_is_a_one_line_error(tmp_path: Path) -> None:
                            "data=jsonl_classify"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, "LONGCTX_DATA": str(tmp_path)})
     assert proc.returncode == 2 and "data.paths is required" in proc.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_losses(tmp_path: Path, assert_resume_reproduces) -> None:
+    # 400 examples in batches of 32: the 12-batch epoch ends between the kill and step 20, so the
+    # resumed run continues mid-epoch and then reshuffles.
+    paths = _fixture(tmp_path)
+    args = ["model=bert-tiny", "task=classify", "data=jsonl_classify",
+            f"data.paths={{train: {paths['train']}, val: {paths['val']}, test: {paths['test']}}}",
+            "seqlen=32", "data.batch_size=32", "model.n_embd=32", "model.intermediate_size=64",
+            "model.dropout=0.1", "task.warmup_steps=5", "trainer.max_steps=20",
+            "trainer.ckpt_every_n_steps=5", "trainer.val_every_n_steps=20", "trainer.log_every_n_steps=1",
+            "trainer.progress_bar=false"]
+    assert_resume_reproduces(args, steps=20, ckpt_every=5, data_root=tmp_path / "cache")

@@ -66,6 +66,10 @@ def test_goal_command_composes_and_model_follows_the_data_vocabulary():
         compose(["model=bert-tiny", "task=masked_lm", "data=shakespeare_mlm", "model.vocab_size=900"])
     with pytest.raises(ConfigError, match="model.arch"):
         compose(["model=gpt2-tiny", "task=masked_lm", "data=shakespeare_mlm"])
+    # The command names no data: masked_lm then reads the MLM corpus, not the LM default.
+    assert compose(["model=bert-tiny", "task=masked_lm"]).data.name == "shakespeare_mlm"
+    with pytest.raises(ConfigError, match="reads data of kind mlm; data=shakespeare is kind lm"):
+        compose(["model=bert-tiny", "task=masked_lm", "data=shakespeare"])
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +114,14 @@ def test_train_then_eval_end_to_end_lowers_val_loss(corpus, tmp_path, monkeypatc
     assert result["val_loss"] == pytest.approx(final, rel=1e-4)
     assert result["val_ppl"] == pytest.approx(math.exp(final), rel=1e-4)
     assert 0.0 < result["val_accuracy"] <= 1.0 and result["test_loss"] > 0.0
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_losses(corpus, tmp_path, assert_resume_reproduces):
+    # Dropout on, and fresh masks each epoch: the ~13-batch epoch ends between the kill and step 20.
+    args = ["model=bert-tiny", "task=masked_lm", "data=shakespeare_mlm", "data.corpus=files",
+            f"data.paths=[{corpus}]", "data.vocab_size=200", "seqlen=32", "data.batch_size=16",
+            "model.n_embd=32", "model.intermediate_size=64", "model.dropout=0.1", "task.warmup_steps=5",
+            "trainer.max_steps=20", "trainer.ckpt_every_n_steps=5", "trainer.val_every_n_steps=20",
+            "trainer.log_every_n_steps=1", "trainer.progress_bar=false"]
+    assert_resume_reproduces(args, steps=20, ckpt_every=5, data_root=tmp_path / "data")

@@ -1,18 +1,19 @@
 """Text classification data from JSONL: one ``{"text": ..., "label": ...}`` object per line
 (single-label) or ``{"text": ..., "labels": [...]}`` (multi-label), one file per split.
 
-The label vocabulary is the sorted set of the train split's labels (compared as strings); a label
-in val/test that train never shows is an error, as is a row without text or a broken line — each
-named by file and line number. Texts are WordPiece-tokenized as BERT does ([CLS] text [SEP],
-truncated then padded to ``seqlen``), with the vocabulary of a BERT ``vocab.txt`` or, for tests and
-demos without one, a WordPiece trained on the train split's texts.
+The label vocabulary is the sorted set of the train split's labels (compared as strings), or a
+fixed list given as ``labels``; a label outside it is an error, as is a row without text or a
+broken line — each named by file and line number. With ``bad_rows="skip"`` such rows are left out
+instead, counted, and reported once the splits are read. Texts are WordPiece-tokenized as BERT
+does ([CLS] text [SEP], truncated then padded to ``seqlen``), with the vocabulary of a BERT
+``vocab.txt`` or, for tests and demos without one, a WordPiece trained on the train split's texts.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,10 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from torch.utils.data import DataLoader, Dataset
 
+from longctx.data.lm import resumable_train_loader
+
 SPLITS = ("train", "val", "test")
+BAD_ROWS = ("error", "skip")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PathLike = str | os.PathLike[str]
 
@@ -35,11 +39,40 @@ class Example:
     line: int
 
 
-def read_jsonl(path: PathLike) -> tuple[list[Example], bool]:
+def _parse_row(line: str, path: Path, number: int, multi: bool | None) -> tuple[Example, bool]:
+    """Line ``number`` of ``path`` -> (its Example, whether it is multi-label); ValueError naming
+    ``path:number``. ``multi``: what the file's earlier rows were (None before the first)."""
+    where = f"{path}:{number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: broken JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with text and label")
+    if not isinstance(row.get("text"), str):
+        raise ValueError(f"{where}: missing or non-string 'text'")
+    if ("label" in row) == ("labels" in row):
+        raise ValueError(f"{where}: needs exactly one of 'label' (single-label) or 'labels' (a list)")
+    row_multi = "labels" in row
+    if multi is not None and row_multi != multi:
+        raise ValueError(f"{where}: mixes 'label' and 'labels' rows in one file")
+    if row_multi:
+        if not isinstance(row["labels"], list):
+            raise ValueError(f"{where}: 'labels' must be a list")
+        labels = [str(x) for x in row["labels"]]
+    else:
+        if row["label"] is None:
+            raise ValueError(f"{where}: 'label' is null")
+        labels = [str(row["label"])]
+    return Example(row["text"], labels, number), row_multi
+
+
+def read_jsonl(path: PathLike, on_bad: Callable[[str], None] | None = None) -> tuple[list[Example], bool]:
     """Rows of a classification JSONL file and whether it is multi-label ("labels" lists).
 
-    Blank lines are skipped. ValueError naming ``path:line`` for broken JSON, a row that is not an
-    object, a missing or non-string text, a missing label, or a file mixing "label" and "labels".
+    Blank lines are skipped. A bad row — broken JSON, not an object, a missing or non-string text,
+    a missing label, or a file mixing "label" and "labels" — raises ValueError naming
+    ``path:line``, or, when ``on_bad`` is given, is passed to it as that message and left out.
     """
     path = Path(path)
     examples: list[Example] = []
@@ -48,33 +81,45 @@ def read_jsonl(path: PathLike) -> tuple[list[Example], bool]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: broken JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with text and label")
-            if not isinstance(row.get("text"), str):
-                raise ValueError(f"{where}: missing or non-string 'text'")
-            if ("label" in row) == ("labels" in row):
-                raise ValueError(f"{where}: needs exactly one of 'label' (single-label) or 'labels' (a list)")
-            row_multi = "labels" in row
-            if multi is not None and row_multi != multi:
-                raise ValueError(f"{where}: mixes 'label' and 'labels' rows in one file")
-            multi = row_multi
-            if row_multi:
-                if not isinstance(row["labels"], list):
-                    raise ValueError(f"{where}: 'labels' must be a list")
-                labels = [str(x) for x in row["labels"]]
-            else:
-                if row["label"] is None:
-                    raise ValueError(f"{where}: 'label' is null")
-                labels = [str(row["label"])]
-            examples.append(Example(row["text"], labels, number))
+                example, multi = _parse_row(line, path, number, multi)
+            except ValueError as err:
+                if on_bad is None:
+                    raise
+                on_bad(str(err))
+                continue
+            examples.append(example)
     if not examples:
         raise ValueError(f"{path}: no rows")
     return examples, bool(multi)
+
+
+class BadRows:
+    """The ``bad_rows`` policy of a loader: ``"error"`` raises at the first bad row; ``"skip"``
+    leaves bad rows out and keeps their messages for one report when reading is done."""
+
+    def __init__(self, policy: str = "error") -> None:
+        if policy not in BAD_ROWS:
+            raise ValueError(f"data.bad_rows='{policy}' is unknown; choose from: {', '.join(BAD_ROWS)}")
+        self.policy = policy
+        self.skipped: list[str] = []
+
+    @property
+    def handler(self) -> Callable[[str], None] | None:
+        """For ``read_jsonl``'s on_bad: None (raise) or a collector."""
+        return self.skipped.append if self.policy == "skip" else None
+
+    def __call__(self, message: str) -> None:
+        """A bad row: raise its one-line message, or count it."""
+        if self.policy == "error":
+            raise ValueError(message)
+        self.skipped.append(message)
+
+    def report(self) -> None:
+        """Print how many rows were skipped and the first few reasons (nothing when none were)."""
+        if self.skipped:
+            shown = "; ".join(self.skipped[:3]) + ("; ..." if len(self.skipped) > 3 else "")
+            print(f"skipped {len(self.skipped)} bad rows (data.bad_rows=skip): {shown}")
 
 
 def wordpiece_tokenizer(vocab_path: PathLike | None = None, texts: Iterable[str] = (),
@@ -148,12 +193,29 @@ class ClassifyDataModule(L.LightningDataModule):
         vocab_path: a BERT vocab.txt; None trains a WordPiece of ``vocab_size`` on the train texts.
         lowercase: BERT's uncased normalisation.
         seed: order of the training examples (reshuffled every epoch).
+        labels: the label vocabulary in order; None: the sorted labels of the train split.
+        bad_rows: ``"error"`` (a bad row ends reading with its file:line) or ``"skip"`` (left out,
+            counted, reported).
     """
 
     def __init__(self, paths: Mapping[str, PathLike] | None = None, seqlen: int = 128, batch_size: int = 16,
                  num_workers: int = 0, *, vocab_path: PathLike | None = None, vocab_size: int = 2000,
-                 lowercase: bool = True, seed: int = 0) -> None:
+                 lowercase: bool = True, seed: int = 0, labels: Sequence[str] | None = None,
+                 bad_rows: str = "error") -> None:
         super().__init__()
+        self.bad_rows = BadRows(bad_rows)
+        self.fixed_labels = [str(label) for label in labels] if labels is not None else None
+        self.seqlen, self.batch_size, self.num_workers = seqlen, batch_size, num_workers
+        self.vocab_path, self.vocab_size, self.lowercase, self.seed = vocab_path, vocab_size, lowercase, seed
+        self.labels: list[str] = []
+        self.multi_label = False
+        self.tokenizer: Tokenizer | None = None
+        self.datasets: dict[str, ClassifyDataset] = {}
+        self.paths = self._check_paths(paths)
+
+    @staticmethod
+    def _check_paths(paths: Mapping[str, PathLike] | None) -> dict[str, Path]:
+        """The JSONL file of every split; subclasses that build those files override this."""
         if not paths:
             raise ValueError("data.paths is required: "
                              "data.paths={train: a.jsonl, val: b.jsonl, test: c.jsonl}")
@@ -161,13 +223,11 @@ class ClassifyDataModule(L.LightningDataModule):
         if missing:
             raise ValueError(f"data.paths has no {', '.join(missing)} file; "
                              "give data.paths={train: ..., val: ..., test: ...}")
-        self.paths = {s: Path(paths[s]) for s in SPLITS}
-        self.seqlen, self.batch_size, self.num_workers = seqlen, batch_size, num_workers
-        self.vocab_path, self.vocab_size, self.lowercase, self.seed = vocab_path, vocab_size, lowercase, seed
-        self.labels: list[str] = []
-        self.multi_label = False
-        self.tokenizer: Tokenizer | None = None
-        self.datasets: dict[str, ClassifyDataset] = {}
+        return {s: Path(paths[s]) for s in SPLITS}
+
+    def split_files(self) -> dict[str, Path]:
+        """The JSONL file of each split; subclasses convert their source format into these first."""
+        return self.paths
 
     @property
     def num_labels(self) -> int:
@@ -182,34 +242,48 @@ class ClassifyDataModule(L.LightningDataModule):
         """Read the splits, build the label vocabulary and tokenizer, tokenize everything (once)."""
         if self.datasets:
             return
+        self.paths = self.split_files()
         rows = {}
         for split in SPLITS:
             if not self.paths[split].is_file():
                 raise ValueError(f"data.paths.{split}: no such file: {self.paths[split]}")
-            rows[split] = read_jsonl(self.paths[split])
+            rows[split] = read_jsonl(self.paths[split], self.bad_rows.handler)
         train, self.multi_label = rows["train"]
         for split in ("val", "test"):
             if rows[split][1] != self.multi_label:
                 kind = "multi-label ('labels')" if self.multi_label else "single-label ('label')"
                 raise ValueError(f"{self.paths[split]}: train is {kind} but this file is not")
-        self.labels = sorted({label for ex in train for label in ex.labels})
+        self.labels = self.fixed_labels or sorted({label for ex in train for label in ex.labels})
         index = {label: i for i, label in enumerate(self.labels)}
-        self.tokenizer = wordpiece_tokenizer(self.vocab_path, (ex.text for ex in train), self.vocab_size,
-                                             self.lowercase)
+        examples = {split: self._known(rows[split][0], index, split) for split in SPLITS}
+        self.bad_rows.report()
+        self.tokenizer = wordpiece_tokenizer(self.vocab_path, (ex.text for ex in examples["train"]),
+                                             self.vocab_size, self.lowercase)
         for split in SPLITS:
-            examples = rows[split][0]
-            targets = self._targets(examples, index, split)
-            tensors = encode(self.tokenizer, [ex.text for ex in examples], self.seqlen)
+            targets = self._targets(examples[split], index)
+            tensors = encode(self.tokenizer, [ex.text for ex in examples[split]], self.seqlen)
             self.datasets[split] = ClassifyDataset({**tensors, "labels": targets})
 
-    def _targets(self, examples: list[Example], index: Mapping[str, int], split: str) -> torch.Tensor:
+    def _known(self, examples: list[Example], index: Mapping[str, int], split: str) -> list[Example]:
+        """The examples whose labels are all in the vocabulary; another is a bad row."""
+        kept = []
+        where = "the given labels" if self.fixed_labels else "the train split"
+        for ex in examples:
+            unknown = [label for label in ex.labels if label not in index]
+            if unknown:
+                self.bad_rows(f"{self.paths[split]}:{ex.line}: label {unknown[0]!r} does not "
+                              f"occur in {where} ({len(index)} labels)")
+            else:
+                kept.append(ex)
+        if not kept:
+            raise ValueError(f"{self.paths[split]}: no usable rows")
+        return kept
+
+    def _targets(self, examples: list[Example], index: Mapping[str, int]) -> torch.Tensor:
         """Class indices (n,) int64, or multi-hot (n, num_labels) float32 for multi-label data."""
         multi_hot = torch.zeros(len(examples), len(index))
         for i, ex in enumerate(examples):
             for label in ex.labels:
-                if label not in index:
-                    raise ValueError(f"{self.paths[split]}:{ex.line}: label {label!r} does not "
-                                     f"occur in the train split ({len(index)} labels)")
                 multi_hot[i, index[label]] = 1.0
         if self.multi_label:
             return multi_hot
@@ -220,19 +294,23 @@ class ClassifyDataModule(L.LightningDataModule):
         self.setup()
         return self.tokenizer.get_vocab_size() if self.tokenizer is not None else 0
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         self.setup()
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          generator=generator, num_workers=self.num_workers,
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """This rank's share of a (seed, epoch)-shuffled order, positioned by the trainer's progress
+        so that a resumed run continues at the next batch (longctx.data.lm.resumable_train_loader)."""
+        self.setup()
+        return resumable_train_loader(
+            self.datasets["train"], self.seed, self.trainer, batch_size=self.batch_size,
+            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 

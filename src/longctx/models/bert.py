@@ -20,7 +20,11 @@ from longctx.models.layers import SelfAttention
 @dataclass
 class BertConfig:
     """BERT-base by default. ``attn`` is a ``longctx.ops.attention`` impl; the padding-free forward
-    (an attention_mask given) needs one with varlen support: auto, flash, reference or standard."""
+    (an attention_mask given) needs one with varlen support: auto, flash, reference or standard.
+
+    ``positions_skip_padding``: False (BERT) numbers a token by its index in the padded row; True
+    (RoBERTa) counts only the real tokens before it, so a left-padded row starts at position 0.
+    The two agree on right-padded and unpadded batches."""
 
     vocab_size: int = 30522
     n_layer: int = 12
@@ -32,6 +36,9 @@ class BertConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     attn: str = "auto"
+    approx: dict | None = None  # attn in longctx.models.approx: its hyper-parameters (model.approx)
+    attn_pattern: str | None = None  # attn="blocksparse" only: a spec of longctx.ops.blocksparse
+    positions_skip_padding: bool = False
 
 
 class BertBlock(nn.Module):
@@ -40,7 +47,8 @@ class BertBlock(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.attn = SelfAttention(config.n_embd, config.n_head, dropout=config.dropout, causal=False,
-                                  impl=config.attn)
+                                  impl=config.attn, approx=config.approx, max_positions=config.max_positions,
+                                  attn_pattern=config.attn_pattern)
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.fc = nn.Linear(config.n_embd, config.intermediate_size)
         self.proj = nn.Linear(config.intermediate_size, config.n_embd)
@@ -58,8 +66,8 @@ class Bert(nn.Module):
     """BERT encoder with its pooler (tanh on [CLS]) and masked-LM head (decoder tied to ``wte``).
 
     ``forward`` returns the last hidden states; ``pool`` and ``mlm_logits`` apply the heads to them.
-    Positions are the token's index in its (padded) row, as Hugging Face's BERT; RoBERTa's offset
-    of padding_idx + 1 is folded into the weights when loading (see ``longctx.models.hf``).
+    Positions start at 0 (see ``BertConfig.positions_skip_padding``); RoBERTa's offset of
+    padding_idx + 1 is folded into the weights when loading (see ``longctx.models.hf``).
     """
 
     def __init__(self, config: BertConfig) -> None:
@@ -99,7 +107,10 @@ class Bert(nn.Module):
             raise ValueError(f"sequence length {s} exceeds max_positions={self.config.max_positions}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        if attention_mask is not None and self.config.positions_skip_padding:
+            positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+        else:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)
         if attention_mask is None:
             x = self._embed(input_ids, positions, token_type_ids)
             for block in self.blocks:

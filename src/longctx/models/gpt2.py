@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from longctx.models.layers import Block
 
@@ -36,9 +37,14 @@ class GPT2Config:
 
 
 class GPT2(nn.Module):
+    """``activation_checkpointing = True`` (trainer.activation_checkpointing) keeps only each block's
+    input during training and recomputes the block in the backward: activation memory of one block
+    instead of all, for about a third more compute."""
+
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.max_positions, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -73,7 +79,10 @@ class GPT2(nn.Module):
         pos = torch.arange(seqlen, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
-            x = block(x)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied with the token embedding
         return logits[..., : self.config.vocab_size]
 

@@ -76,3 +76,28 @@ class ClassificationHead(nn.Module):
         if self.multi_label:
             return (torch.sigmoid(logits) >= threshold).long()
         return logits.argmax(dim=-1)
+
+
+class PairClassificationHead(ClassificationHead):
+    """LRA's two-tower head for a pair of documents (Retrieval): each document is pooled alone and
+    the pair is classified from [u, v, u * v, u - v] by Linear(4 n_embd, mlp_dim) -> ReLU -> dropout
+    -> Linear(mlp_dim, num_labels). ``mlp_dim`` defaults to 2 n_embd (the Nystromformer LRA setup).
+
+    ``forward`` takes both documents' hidden states stacked along the batch: rows [0, B) are the
+    first documents, rows [B, 2B) the second ones, so one encoder call serves both towers.
+    """
+
+    def __init__(self, n_embd: int, num_labels: int, pooling: str = "cls", dropout: float = 0.1,
+                 multi_label: bool = False, mlp_dim: int | None = None) -> None:
+        mlp_dim = mlp_dim or 2 * n_embd
+        super().__init__(mlp_dim, num_labels, pooling, dropout, multi_label)
+        self.dense = nn.Linear(4 * n_embd, mlp_dim)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (2B, seqlen, n_embd), attention_mask (2B, seqlen), pooled (2B, n_embd) or None ->
+        logits (B, num_labels)."""
+        if hidden.shape[0] % 2:
+            raise ValueError(f"a pair head needs both documents stacked (2B rows), got {hidden.shape[0]}")
+        u, v = self.pool(hidden, attention_mask, pooled).chunk(2)
+        return self.classifier(self.drop(F.relu(self.dense(torch.cat([u, v, u * v, u - v], dim=-1)))))

@@ -1,11 +1,13 @@
-"""Weights in and out of Hugging Face transformers checkpoints (local directories, offline).
+"""Weights in and out of Hugging Face transformers checkpoints (local directories, or hub names).
 
 Import reads ``config.json`` and the weights (``*.safetensors`` or ``pytorch_model*.bin``) of a
-directory written by ``save_pretrained``: GPT2LMHeadModel / GPT2Model into ``GPT2``, and
-BertModel / BertForMaskedLM / BertForSequenceClassification / RoBERTa into ``Bert`` (task heads
-other than the MLM head are ignored). Export writes a directory that transformers loads as
-GPT2LMHeadModel or BertForMaskedLM. Import needs only ``safetensors``; export needs transformers
-(the ``hf`` extra) for its config classes.
+directory written by ``save_pretrained`` (a name that is not a local directory is fetched from the
+hub by huggingface_hub, or read from its cache): GPT2LMHeadModel / GPT2Model into ``GPT2``, and
+BertModel / BertForMaskedLM / BertForSequenceClassification and their RoBERTa counterparts into
+``Bert``; a sequence classifier's last layer loads into a ``ClassificationHead``
+(:func:`classification_head_from_hf`). Export writes a directory that transformers loads as
+GPT2LMHeadModel or Bert/RobertaForMaskedLM. Import needs only ``safetensors``; export needs
+transformers (the ``hf`` extra) for its config classes.
 
 Position tables can be made longer than the checkpoint's: ``"repeat"`` copies the learned table
 over and over (Longformer's choice for long documents), ``"interpolate"`` resamples it linearly.
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from longctx.models.bert import Bert, BertConfig
 from longctx.models.gpt2 import GPT2, GPT2Config
+from longctx.models.heads import ClassificationHead
 
 POSITION_MODES = ("repeat", "interpolate")
 
@@ -45,9 +48,30 @@ def extend_positions(weight: Tensor, n: int, mode: str = "repeat") -> Tensor:
     return resampled[0].T.to(weight.dtype).contiguous()
 
 
+def _hub_snapshot(name: str) -> Path:
+    """The local snapshot of hub model ``name`` (config.json and its weights, safetensors when the
+    repository has them, else the .bin files), downloaded by huggingface_hub or read from its cache."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise FileNotFoundError(f"{name} is not a local directory, and loading hub names needs "
+                                "huggingface_hub (pip install -e '.[hf]')") from err
+    try:
+        for weights in (["*.safetensors", "*.safetensors.index.json"], ["pytorch_model*.bin*"]):
+            path = Path(snapshot_download(repo_id=name, allow_patterns=["config.json", *weights]))
+            if any(path.glob(weights[0])):
+                return path
+    except Exception as err:  # offline, unknown repo, bad id: one message naming the input
+        reason = (str(err).splitlines() or [""])[0]
+        raise FileNotFoundError(f"{name} is not a local directory and the hub could not provide it: "
+                                f"{type(err).__name__}: {reason}") from err
+    return path  # no weights: load_hf_dir says so
+
+
 def load_hf_dir(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
-    """(config.json as a dict, the state dict) of a save_pretrained directory (possibly sharded)."""
-    path = Path(path)
+    """(config.json as a dict, the state dict) of a save_pretrained directory (possibly sharded),
+    or of a hub model name (e.g. "google-bert/bert-base-uncased") when no such directory exists."""
+    path = Path(path) if Path(path).is_dir() else _hub_snapshot(str(path))
     config = json.loads((path / "config.json").read_text())
     state: dict[str, Tensor] = {}
     shards = sorted(path.glob("*.safetensors"))
@@ -161,10 +185,13 @@ def bert_from_hf(path: str | Path, *, max_positions: int | None = None, position
     """A Bert with the weights of a BERT or RoBERTa directory (base model, MLM or classifier).
 
     The separate query/key/value projections are concatenated into SelfAttention's fused qkv.
-    RoBERTa numbers positions from padding_idx + 1, so its table's first padding_idx + 1 rows
-    (never used by real tokens) are dropped and position i reads row i + padding_idx + 1; this
-    matches transformers for right-padded batches. Heads absent from the checkpoint (pooler in
-    *ForMaskedLM, MLM head in BertModel) keep their initialisation.
+    RoBERTa numbers positions from padding_idx + 1 and counts only real tokens, so its table's
+    first padding_idx + 1 rows (never used by real tokens) are dropped and the model gets
+    ``positions_skip_padding=True``: left- and right-padded batches match transformers given an
+    attention_mask that is 0 exactly at the pad tokens. RobertaForSequenceClassification's
+    ``classifier.dense`` (tanh on the first token) is the same function as BERT's pooler and
+    loads into ``pooler``. Heads absent from the checkpoint (pooler in *ForMaskedLM, MLM head in
+    BertModel) keep their initialisation.
     """
     hf, sd = load_hf_dir(path)
     kind = hf.get("model_type", "bert")
@@ -181,9 +208,12 @@ def bert_from_hf(path: str | Path, *, max_positions: int | None = None, position
                         n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
                         intermediate_size=hf["intermediate_size"], max_positions=wpe.shape[0],
                         type_vocab_size=hf["type_vocab_size"], dropout=0.0,
-                        layer_norm_eps=hf["layer_norm_eps"], attn=attn)
+                        layer_norm_eps=hf["layer_norm_eps"], attn=attn,
+                        positions_skip_padding=kind == "roberta")
     model = Bert(config)
     new: dict[str, Tensor] = {"wpe.weight": wpe}
+    if kind == "roberta" and "classifier.dense.weight" in sd:
+        new.update({f"pooler.{p}": sd[f"classifier.dense.{p}"] for p in ("weight", "bias")})
     for ours, theirs in _BERT_TOP.items():
         for p in ("weight", "bias"):
             if f"{theirs}.{p}" in sd and ours != "wpe":
@@ -212,12 +242,46 @@ def bert_from_hf(path: str | Path, *, max_positions: int | None = None, position
     return model
 
 
+# The last layer of each sequence classifier, as (weight, bias) names in the checkpoint.
+_CLASSIFIER = {"bert": "classifier", "roberta": "classifier.out_proj"}
+
+
+def classification_head_from_hf(path: str | Path, *, pooling: str = "cls",
+                                dropout: float | None = None) -> ClassificationHead:
+    """The ClassificationHead of a Bert/RobertaForSequenceClassification directory.
+
+    With ``pooling="cls"`` and the encoder's pooled vector (``Bert.pool``, which
+    :func:`bert_from_hf` loads from the same directory), ``head(hidden, mask, bert.pool(hidden))``
+    equals transformers' logits in eval mode. num_labels is the checkpoint's; multi_label follows
+    its ``problem_type``. ``dropout`` defaults to the checkpoint's classifier_dropout, else
+    hidden_dropout_prob (RoBERTa's head also drops out before its dense layer; this head does not).
+    """
+    hf, sd = load_hf_dir(path)
+    kind = hf.get("model_type", "bert")
+    if kind not in _CLASSIFIER:
+        raise ValueError(f"model_type must be 'bert' or 'roberta', got {kind!r}")
+    name = _CLASSIFIER[kind]
+    if f"{name}.weight" not in sd:
+        raise ValueError(f"{path} holds no sequence classifier ({name}.weight); save a "
+                         f"{'Bert' if kind == 'bert' else 'Roberta'}ForSequenceClassification")
+    weight = sd[f"{name}.weight"]
+    if dropout is None:
+        dropout = hf.get("classifier_dropout")
+        dropout = hf.get("hidden_dropout_prob", 0.1) if dropout is None else dropout
+    head = ClassificationHead(weight.shape[1], weight.shape[0], pooling, dropout,
+                              multi_label=hf.get("problem_type") == "multi_label_classification")
+    head.classifier.load_state_dict({"weight": weight, "bias": sd[f"{name}.bias"]})
+    return head
+
+
 def bert_to_hf(model: Bert, path: str | Path, *, model_type: str = "bert", pad_token_id: int = 1) -> None:
     """Write ``model`` as a BertForMaskedLM (or, with model_type="roberta", RobertaForMaskedLM)
     directory, pooler included (BertModel / RobertaModel load it).
 
     For RoBERTa the position table gets pad_token_id + 1 leading zero rows, the offset that
-    ``bert_from_hf`` drops, so export then import round-trips exactly.
+    ``bert_from_hf`` drops, so export then import round-trips exactly. RoBERTa counts positions
+    over real tokens only, so model_type="roberta" needs ``positions_skip_padding=True`` and
+    "bert" needs False; a mismatch would change left-padded outputs and is refused.
     """
     import transformers
     from safetensors.torch import save_file
@@ -225,6 +289,10 @@ def bert_to_hf(model: Bert, path: str | Path, *, model_type: str = "bert", pad_t
     if model_type not in _MLM_HEAD:
         raise ValueError(f"model_type must be 'bert' or 'roberta', got {model_type!r}")
     c = model.config
+    if c.positions_skip_padding != (model_type == "roberta"):
+        raise ValueError(f"model_type={model_type!r} numbers positions "
+                         f"{'over real tokens only' if model_type == 'roberta' else 'by index in the row'}"
+                         f" but the model has positions_skip_padding={c.positions_skip_padding}")
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     offset = pad_token_id + 1 if model_type == "roberta" else 0
     sd["wpe.weight"] = torch.cat([sd["wpe.weight"].new_zeros(offset, c.n_embd), sd["wpe.weight"]])

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from longctx.ops.blocksparse import check_block_mask
+from longctx.ops.common import check_cu_seqlens
 from longctx.ops.reference import reference_attention, sdpa_attention, standard_attention
 
 IMPLS = ("auto", "flash", "reference", "standard", "sdpa")
@@ -63,52 +64,15 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor, varlen: bool) -> None:
         raise ValueError(f"k heads must divide q heads (MQA/GQA), got q {num_heads_q}, k {num_heads_k}")
 
 
-def _device_reads_allowed(x: Tensor) -> bool:
-    """False while torch.compile traces or a CUDA graph captures: a device-to-host read breaks both."""
-    return not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
-
-
-def _check_varlen(
-    which: str, cu_seqlens: Tensor, max_seqlen: int | None, x: Tensor, batch_plus_one: int
+def _check_block_mask_call(
+    q: Tensor, block_mask: object, batch: int, seqlens: tuple[int, int], impl: str
 ) -> None:
-    """cu_seqlens_{which}: int32 1-D prefix sums of length batch + 1 from 0 to the token count of x.
-
-    The values are read back to the host to be checked, except under torch.compile tracing or
-    CUDA graph capture, where only the layout is checked.
-    """
-    name = f"cu_seqlens_{which}"
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D torch.int32 tensor of length batch + 1")
-    if cu_seqlens.device != x.device:
-        raise ValueError(f"{name} must be on q's device ({x.device}), got {cu_seqlens.device}")
-    if cu_seqlens.numel() != batch_plus_one or batch_plus_one < 2:
-        raise ValueError(
-            f"{name} must have length batch + 1 (as cu_seqlens_q, at least 2), got {cu_seqlens.numel()}"
-        )
-    if max_seqlen is None:
-        raise ValueError(f"max_seqlen_{which} is required with {name}")
-    if not _device_reads_allowed(cu_seqlens):
-        return
-    starts = cu_seqlens.tolist()
-    lengths = [end - start for start, end in zip(starts, starts[1:])]
-    if starts[0] != 0 or min(lengths) < 0:
-        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {starts}")
-    if starts[-1] != x.shape[0]:
-        raise ValueError(f"{name} must end at the total token count {x.shape[0]}, got {starts[-1]}")
-    if max_seqlen < max(lengths):
-        raise ValueError(f"max_seqlen_{which} must be >= the longest length {max(lengths)}, got {max_seqlen}")
-
-
-def _check_block_mask_call(q: Tensor, k: Tensor, block_mask: object, varlen: bool, impl: str) -> None:
-    """block_mask's layout, and that the call can run block-sparse (padded, reference/standard)."""
-    if varlen:
-        raise ValueError("block_mask is not supported with packed varlen batches (cu_seqlens) yet; "
-                         "pass a padded (batch, seqlen, heads, head_dim) batch")
-    if impl in ("flash", "sdpa"):
-        raise ValueError(f"block_mask (block-sparse attention) runs on impl='reference' or 'standard' until "
-                         f"the flash kernels support it; got impl={impl!r}")
-    check_block_mask(block_mask, batch=q.shape[0], heads=q.shape[2], seqlen_q=q.shape[1],
-                     seqlen_k=k.shape[1], device=q.device)
+    """block_mask's layout for `batch` sequences of at most seqlens = (Sq, Sk), and that impl takes it."""
+    if impl == "sdpa":
+        raise ValueError("block_mask (block-sparse attention) runs on impl='flash', 'reference', "
+                         "'standard' or 'auto', not on 'sdpa'")
+    check_block_mask(block_mask, batch=batch, heads=q.shape[-2], seqlen_q=seqlens[0], seqlen_k=seqlens[1],
+                     device=q.device)
 
 
 def attention(
@@ -144,9 +108,10 @@ def attention(
         max_seqlen_q, max_seqlen_k: the longest sequence of each (required with cu_seqlens).
         block_mask: block-sparse attention, bool (B or 1, Hq or 1, ceil(Sq / 128), ceil(Sk / 128)):
             query block i may attend to key block j iff [b, h, i, j] (blocks of 128 x 128; see
-            longctx.ops.blocksparse for builders); ANDed with causal. Padded batches and impl
-            "reference" / "standard" only for now ("auto" picks "reference"); rows that see no key
-            give output 0 and lse -inf.
+            longctx.ops.blocksparse for builders); ANDed with causal. Varlen: one mask per sequence
+            (or one for all), (B|1, Hq|1, ceil(max_seqlen_q / 128), ceil(max_seqlen_k / 128)), in
+            each sequence's own coordinates. Any impl but "sdpa"; flash and reference skip the
+            dropped blocks. Rows that see no key give output 0 and lse -inf.
         deterministic: ask the flash backward for a deterministic reduction order.
         return_lse: also return the softmax log-sum-exp (natural log, fp32, or fp64 for fp64
             inputs), (B, Hq, Sq) or (Hq, total_q) for varlen.
@@ -165,14 +130,16 @@ def attention(
     _check_tensors(q, k, v, varlen)
     if varlen:
         batch_plus_one = cu_seqlens_q.numel() if isinstance(cu_seqlens_q, Tensor) else 0
-        _check_varlen("q", cu_seqlens_q, max_seqlen_q, q, batch_plus_one)
-        _check_varlen("k", cu_seqlens_k, max_seqlen_k, k, batch_plus_one)
+        check_cu_seqlens("q", cu_seqlens_q, max_seqlen_q, q, batch_plus_one)
+        check_cu_seqlens("k", cu_seqlens_k, max_seqlen_k, k, batch_plus_one)
     elif max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError("max_seqlen_q / max_seqlen_k are only allowed with cu_seqlens_q / cu_seqlens_k")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if block_mask is not None:
-        _check_block_mask_call(q, k, block_mask, varlen, impl)
+        batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+        seqlens = (max_seqlen_q, max_seqlen_k) if varlen else (q.shape[1], k.shape[1])
+        _check_block_mask_call(q, block_mask, batch, seqlens, impl)
     if impl == "sdpa" and (varlen or return_lse):
         raise ValueError("impl='sdpa' takes padded batches without return_lse; use 'reference' or 'standard'")
 
@@ -189,7 +156,6 @@ def attention(
     }
     if block_mask is not None:
         kwargs["block_mask"] = block_mask
-        impl = "reference" if impl == "auto" else impl
     if impl == "auto":
         use_flash = q.is_cuda and q.dtype in _FLASH_DTYPES and _flash_backend() is not None
         impl = "flash" if use_flash else "reference"

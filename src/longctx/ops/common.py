@@ -3,12 +3,14 @@
 - the causal visibility rule (bottom-right aligned),
 - the split of a packed variable-length batch into its sequences,
 - the dropout RNG: a PyTorch copy of the Philox4x32-10 stream that the CUDA kernels draw from
-  (kernels/philox.cuh), so every backend drops exactly the same attention elements for a seed.
+  (kernels/philox.cuh), so every backend drops exactly the same attention elements for a seed,
+- the check of packed-batch offsets (cu_seqlens), shared by attention() and the flash entry.
 """
 
 from __future__ import annotations
 
 import struct
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -163,3 +165,56 @@ class Dropout:
         """(*bh.shape, len(rows), len(cols)) of 1 / (1 - p) where kept and 0 where dropped."""
         keep = dropout_keep_mask(self.seed, self.offset, bh, rows, cols, self.p)
         return keep.to(dtype) / (1.0 - self.p)
+
+
+# Offsets already checked: id -> (weak reference, version counter, max_seqlen, token count). A model
+# passes the same cu_seqlens to every layer; reading it back to the host once per forward, not once
+# per layer, keeps the layers free of device synchronisations.
+_CHECKED_OFFSETS: dict[int, tuple[weakref.ref, int, int, int]] = {}
+
+
+def _device_reads_allowed(x: Tensor) -> bool:
+    """False while torch.compile traces or a CUDA graph captures: a device-to-host read breaks both."""
+    return not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def check_cu_seqlens(
+    which: str, cu_seqlens: object, max_seqlen: int | None, x: Tensor, batch_plus_one: int
+) -> None:
+    """cu_seqlens_{which}: int32 1-D prefix sums of length batch + 1 (>= 2), on x's device, from 0 to
+    the token count of x, no length above max_seqlen_{which}; ValueError naming what is wrong.
+
+    The values are read back to the host once per tensor (until it is modified in place), and never
+    under torch.compile tracing or CUDA graph capture, where only the layout is checked.
+    """
+    name = f"cu_seqlens_{which}"
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D torch.int32 tensor of length batch + 1")
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"{name} must be on q's device ({x.device}), got {cu_seqlens.device}")
+    if cu_seqlens.numel() != batch_plus_one or batch_plus_one < 2:
+        raise ValueError(
+            f"{name} must have length batch + 1 (as cu_seqlens_q, at least 2), got {cu_seqlens.numel()}"
+        )
+    if max_seqlen is None or max_seqlen <= 0:
+        raise ValueError(f"max_seqlen_{which} must be a positive int with {name}, got {max_seqlen}")
+    if not _device_reads_allowed(cu_seqlens):
+        return
+    seen = _CHECKED_OFFSETS.get(id(cu_seqlens))
+    # Inference tensors (torch.inference_mode, e.g. Lightning's validation) keep no version counter;
+    # one of them changed in place inside inference mode would not be checked again.
+    version = -1 if cu_seqlens.is_inference() else cu_seqlens._version
+    key = (version, max_seqlen, x.shape[0])
+    if seen is not None and seen[0]() is cu_seqlens and seen[1:] == key:
+        return
+    starts = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(starts, starts[1:])]
+    if starts[0] != 0 or min(lengths) < 0:
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {starts}")
+    if starts[-1] != x.shape[0]:
+        raise ValueError(f"{name} must end at the total token count {x.shape[0]}, got {starts[-1]}")
+    if max_seqlen < max(lengths):
+        raise ValueError(f"max_seqlen_{which} must be >= the longest length {max(lengths)}, got {max_seqlen}")
+    if len(_CHECKED_OFFSETS) > 64:
+        _CHECKED_OFFSETS.clear()
+    _CHECKED_OFFSETS[id(cu_seqlens)] = (weakref.ref(cu_seqlens), *key)

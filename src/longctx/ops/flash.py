@@ -3,8 +3,8 @@
 Operators (torch.library, so torch.compile, CUDA graphs and FSDP see opaque, well-typed ops):
 
 - ``longctx::flash_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-  dropout_p, softmax_scale, causal, rng_state, deterministic) -> (out, lse)``
-- ``longctx::flash_bwd(dout, q, k, v, out, lse, ..., rng_state, deterministic) -> (dq, dk, dv)``
+  dropout_p, softmax_scale, causal, rng_state, deterministic, block_mask) -> (out, lse)``
+- ``longctx::flash_bwd(dout, q, k, v, out, lse, ..., rng_state, deterministic, block_mask) -> (dq, dk, dv)``
 - ``longctx::flash_dropout_mask(q, k, v, dropout_p, softmax_scale, causal, rng_state) -> keep``
   (debug: the forward's dropout keep mask, bool (B, Hq, Sq, Sk); False where a key is not visible)
 
@@ -19,6 +19,9 @@ the same mask. Inside a CUDA-graph capture or torch.compile a host draw would be
 graph, so there it draws {seed, offset} on the device from torch's CUDA generator instead
 (``torch.randint``), which graph replays advance: every replay drops a fresh mask.
 
+Block-sparse: ``block_mask`` (bool (B or 1, Hq or 1, ceil(Sq / 128), ceil(Sk / 128)), or None for
+dense) makes both kernels visit only the kept 128 x 128 blocks (kernels/block_mask.cuh).
+
 The log-sum-exp output is not differentiable through this op (its gradient is treated as zero).
 """
 
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longctx.ops.common import Dropout, causal_visible
+from longctx.ops.common import Dropout, causal_visible, check_cu_seqlens
 
 HEAD_DIMS = (32, 64, 96, 128)
 MAX_HEAD_DIM = HEAD_DIMS[-1]
@@ -99,6 +102,7 @@ def flash_fwd(
     causal: bool,
     rng_state: Tensor | None,
     deterministic: bool,
+    block_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """out like q (contiguous) and fp32 lse, (B, Hq, Sq) or (Hq, total_q) for varlen."""
     _require_kernels()
@@ -116,6 +120,7 @@ def flash_fwd(
         causal,
         rng_state,
         False,
+        block_mask,
         _stream(q.device),
     )
     return out, lse
@@ -135,6 +140,7 @@ def _flash_fwd_fake(
     causal,
     rng_state,
     deterministic,
+    block_mask,
 ):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
@@ -156,6 +162,7 @@ def flash_bwd(
     causal: bool,
     rng_state: Tensor | None,
     deterministic: bool,
+    block_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq like q, dk and dv like k (grouped-query gradients summed over each group)."""
     _require_kernels()
@@ -176,6 +183,7 @@ def flash_bwd(
         causal,
         rng_state,
         deterministic,
+        block_mask,
         _stream(q.device),
     )
 
@@ -197,25 +205,27 @@ def _flash_bwd_fake(
     causal,
     rng_state,
     deterministic,
+    block_mask,
 ):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, rng_state, deterministic = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, rng_state, deterministic, block_mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng_state)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng_state, block_mask)
     ctx.options = (max_q, max_k, dropout_p, scale, causal, deterministic)
     ctx.mark_non_differentiable(lse)
 
 
 def _fwd_backward(ctx, dout: Tensor, dlse: Tensor | None):
-    q, k, v, out, lse, cu_q, cu_k, rng_state = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, rng_state, block_mask = ctx.saved_tensors
     max_q, max_k, dropout_p, scale, causal, deterministic = ctx.options
     dq, dk, dv = flash_bwd(
-        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, rng_state, deterministic
+        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, rng_state, deterministic,
+        block_mask,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 flash_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -241,6 +251,7 @@ def flash_dropout_mask(
         causal,
         rng_state,
         True,
+        None,
         _stream(q.device),
     )
     keep = mask.bool()
@@ -315,29 +326,7 @@ def _check_inputs(
             raise ValueError(f"k batch size must equal q's ({q.shape[0]}), got {k.shape[0]}")
         return
     for which, cu, max_len, x in (("q", cu_q, max_q, q), ("k", cu_k, max_k, k)):
-        name = f"cu_seqlens_{which}"
-        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must be a 1-D torch.int32 tensor of length batch + 1 >= 2")
-        if cu.device != q.device:
-            raise ValueError(f"{name} must be on q's device ({q.device}), got {cu.device}")
-        if cu.numel() != cu_q.numel():
-            raise ValueError(
-                f"{name} must have the same length as cu_seqlens_q ({cu_q.numel()}), got {cu.numel()}"
-            )
-        if max_len is None or max_len <= 0:
-            raise ValueError(f"max_seqlen_{which} must be a positive int with {name}, got {max_len}")
-        # Value checks read the offsets back to the host: only in eager mode, never while a graph
-        # is captured or compiled (attention() has checked them already on that path).
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            continue
-        starts = cu.tolist()
-        lengths = [b - a for a, b in zip(starts, starts[1:])]
-        if starts[0] != 0 or min(lengths) < 0 or starts[-1] != x.shape[0]:
-            raise ValueError(f"{name} must rise from 0 to the token count {x.shape[0]}, got {starts}")
-        if max(lengths) > max_len:
-            raise ValueError(
-                f"max_seqlen_{which} must be >= the longest length {max(lengths)}, got {max_len}"
-            )
+        check_cu_seqlens(which, cu, max_len, x, cu_q.numel() if isinstance(cu_q, Tensor) else 0)
 
 
 def rng_state_for(dropout_p: float, device: torch.device) -> Tensor | None:
@@ -363,6 +352,7 @@ def flash_attention(
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    block_mask: Tensor | None = None,
     deterministic: bool = False,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -400,6 +390,7 @@ def flash_attention(
         bool(causal),
         rng_state,
         bool(deterministic),
+        block_mask,
     )
     if padded != head_dim:
         out = out[..., :head_dim]

@@ -116,7 +116,8 @@ def standard_attention(
     """softmax(q k^T * scale + mask) v with the (Sq, Sk) matrix in memory; O(N^2) memory.
 
     Varlen batches run one sequence at a time. max_seqlen_* and deterministic are unused.
-    block_mask: bool (B|1, Hq|1, ceil(Sq / 128), ceil(Sk / 128)), padded batches only.
+    block_mask: bool (B|1, Hq|1, ceil(Sq / 128), ceil(Sk / 128)); varlen: per sequence, in its own
+    coordinates, of ceil(max_seqlen / 128) blocks.
     """
     dropout = Dropout.draw(dropout_p)
     options = {"causal": causal, "scale": softmax_scale, "dropout": dropout}
@@ -124,7 +125,8 @@ def standard_attention(
         out, lse = _standard_one_batch(q, k, v, batch_start=0, block_mask=block_mask, **options)
     else:
         pieces = [
-            _standard_one_batch(q[sq][None], k[sk][None], v[sk][None], batch_start=b, **options)
+            _standard_one_batch(q[sq][None], k[sk][None], v[sk][None], batch_start=b,
+                                block_mask=sequence_block_mask(block_mask, b), **options)
             for b, sq, sk in sequence_spans(cu_seqlens_q, cu_seqlens_k)
         ]
         out = torch.cat([o[0] for o, _ in pieces], dim=0)  # (total_q, Hq, D)
@@ -342,6 +344,13 @@ def _batches(
     ]
 
 
+def sequence_block_mask(block_mask: Tensor | None, b: int) -> Tensor | None:
+    """Sequence b's mask (1, H|1, nq, nk) of a varlen batch's (B|1, H|1, nq, nk) block mask."""
+    if block_mask is None or block_mask.shape[0] == 1:
+        return block_mask
+    return block_mask[b : b + 1]
+
+
 def _group_block_mask(block_mask: Tensor | None, num_heads_k: int) -> Tensor | None:
     """(B|1, Hq|1, nq, nk) -> (B|1, Hk|1, G|1, nq, nk), the head layout of _split_heads."""
     if block_mask is None:
@@ -375,12 +384,21 @@ class _ReferenceAttention(torch.autograd.Function):
         lse = torch.empty(lse_shape, dtype=compute_dtype(q.dtype), device=q.device)
         ctx.tiling = (causal, block_q, block_k, _group_block_mask(block_mask, k.shape[-2]))
         ctx.numerics = {"scale": scale, "dropout": dropout}
+        ctx.varlen = cu_seqlens_q is not None
         for b, (qb, outb), (kb, vb), (lseb,) in _batches(cu_seqlens_q, cu_seqlens_k, [q, out], [k, v], [lse]):
-            tiling = _Tiling(qb.shape[1], kb.shape[1], *ctx.tiling)
+            tiling = _ReferenceAttention.tiling_of(ctx, b, qb.shape[1], kb.shape[1])
             _reference_forward(qb, kb, vb, outb, lseb, batch_start=b, tiling=tiling, **ctx.numerics)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.set_materialize_grads(False)
         return out, lse
+
+    @staticmethod
+    def tiling_of(ctx: torch.autograd.function.FunctionCtx, b: int, seqlen_q: int, seqlen_k: int) -> _Tiling:
+        """The tiling of batch entry b (a whole padded batch, or sequence b of a varlen one)."""
+        causal, block_q, block_k, block_mask = ctx.tiling
+        if ctx.varlen:
+            block_mask = sequence_block_mask(block_mask, b)
+        return _Tiling(seqlen_q, seqlen_k, causal, block_q, block_k, block_mask)
 
     @staticmethod
     @once_differentiable
@@ -398,7 +416,7 @@ class _ReferenceAttention(torch.autograd.Function):
         for b, (qb, doutb, dqb), (kb, vb, dkb, dvb), (lseb, deltab) in _batches(
             cu_seqlens_q, cu_seqlens_k, [q, dout, dq], [k, v, dk, dv], [lse, delta]
         ):
-            tiling = _Tiling(qb.shape[1], kb.shape[1], *ctx.tiling)
+            tiling = _ReferenceAttention.tiling_of(ctx, b, qb.shape[1], kb.shape[1])
             _reference_backward(
                 qb, kb, vb, doutb, lseb, deltab, dqb, dkb, dvb, batch_start=b, tiling=tiling, **ctx.numerics
             )
@@ -427,8 +445,9 @@ def reference_attention(
 
     Same results as standard_attention (to rounding) and the same dropout mask for the same
     torch.manual_seed. max_seqlen_* and deterministic are unused (the loops are deterministic).
-    block_mask: bool (B|1, Hq|1, ceil(Sq / 128), ceil(Sk / 128)), padded batches only; tiles
-    overlapping no nonzero block are skipped in the forward and the backward.
+    block_mask: bool (B|1, Hq|1, ceil(Sq / 128), ceil(Sk / 128)) (varlen: per sequence, in its own
+    coordinates, of ceil(max_seqlen / 128) blocks); tiles overlapping no nonzero block are skipped in
+    the forward and the backward.
     """
     dropout = Dropout.draw(dropout_p)
     out, lse = _ReferenceAttention.apply(

@@ -39,6 +39,14 @@ class Task(L.LightningModule):
     task_cfg: dict[str, Any]
     max_steps: int
 
+    def configure_model(self) -> None:
+        """Under trainer.strategy=fsdp (Lightning's ModelParallelStrategy, which sets the device
+        mesh): shard the transformer blocks with FSDP2 (longctx.distributed). Other strategies: nothing."""
+        if self._device_mesh is not None:
+            from longctx.distributed import shard_blocks
+
+            shard_blocks(self, self._device_mesh["data_parallel"])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The run config travels in every checkpoint, so eval.py needs only the file."""
         checkpoint["longctx_config"] = self.config
