@@ -25,7 +25,6 @@ import gc
 import json
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import seconds_per_step  # noqa: E402
 
 from longctx.config import compose  # noqa: E402
 from longctx.tasks import build_task  # noqa: E402
@@ -89,16 +91,7 @@ def time_steps(net: torch.nn.Module, seqlen: int, batch: int, pair: bool, warmup
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return seconds_per_step(step, warmup, steps, device)
 
 
 def run(task: str, impl: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

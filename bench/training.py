@@ -28,7 +28,6 @@ import gc
 import json
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import seconds_per_step  # noqa: E402
 
 from longctx.flops import peak_tflops, training_flops_per_token  # noqa: E402
 from longctx.models.gpt2 import GPT2, GPT2Config  # noqa: E402
@@ -98,17 +100,7 @@ def measure(impl: str, model: str, seqlen: int, tokens: int, warmup: int, steps:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    return {"tokens_per_s": batch * seqlen * steps / elapsed, "batch": batch}
+    return {"tokens_per_s": batch * seqlen / seconds_per_step(step, warmup, steps, device), "batch": batch}
 
 
 def run_one(impl: str, model: str, seqlen: int, args: argparse.Namespace, device: torch.device,
