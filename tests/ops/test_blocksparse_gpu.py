@@ -144,20 +144,34 @@ def test_deterministic_backward():
     check(q, k, v, mask, causal=True, name="deterministic (non-deterministic path)")
 
 
-def test_dropout_matches_reference_with_same_seed():
-    """Dropout composes with the mask: flash and the reference (same Philox stream) agree."""
-    q, k, v = make_qkv(1, 600, 600, 2, 2, 64, torch.float32, seed=6)
-    mask = block_mask_from_pattern("local:1+strided:2", 600, 600, device="cuda")
-    torch.manual_seed(11)
-    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), dropout_p=0.2, block_mask=mask, impl="flash")
-    torch.manual_seed(11)
-    ref = attention(q, k, v, dropout_p=0.2, block_mask=mask, impl="reference")
-    low = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), block_mask=mask, impl="standard")
-    dense_ref = attention(q, k, v, block_mask=mask, impl="standard")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dropout_matches_reference_with_same_seed(head_dim, causal):
+    """Dropout composes with the mask: flash and the reference (same Philox stream) agree, forward and
+    gradients (head dim 128 runs the block-sparse dropout tile of its own)."""
+    q, k, v = make_qkv(1, 600, 600, 2, 2, head_dim, torch.float32, seed=6)
+    mask = block_mask_from_pattern("local:1+strided:2", 600, 600, causal=causal, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    dout = torch.randn(q.shape, generator=g, device="cuda") + 0.5
+
+    def run(inputs, impl, dropout_p):
+        leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+        torch.manual_seed(11)
+        out = attention(*leaves, causal=causal, dropout_p=dropout_p, block_mask=mask, impl=impl)
+        out.backward(dout.to(out.dtype))
+        return [out.detach(), *(x.grad for x in leaves)]
+
+    low = [x.bfloat16() for x in (q, k, v)]
+    got = run(low, "flash", 0.2)
+    ref = run((q, k, v), "reference", 0.2)
     # Yardstick: bf16 error of the same function without dropout, scaled by 1 / (1 - p).
-    err = (got.float() - ref).abs().max().item()
-    base = (low.float() - dense_ref).abs().max().item()
-    assert err <= 2.0 / 0.8 * base + 1e-5, f"dropout: {err:.3g} vs yardstick {base:.3g}"
+    base_low = run(low, "standard", 0.0)
+    base_ref = run((q, k, v), "standard", 0.0)
+    factors = (2, 3, 3, 3)  # forward, then the gradients
+    for name, a, r, bl, br, factor in zip(("out", "dq", "dk", "dv"), got, ref, base_low, base_ref, factors):
+        err = (a.float() - r).abs().max().item()
+        base = (bl.float() - br).abs().max().item()
+        assert err <= factor / 0.8 * base + 1e-5, f"dropout {name}: {err:.3g} vs yardstick {base:.3g}"
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
