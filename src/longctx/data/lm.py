@@ -236,6 +236,20 @@ class HubCorpus(Corpus):
                                 self.val_fraction, self.test_fraction, self.split_seed)
 
 
+def make_corpus(corpus: str, *, corpus_path: PathLike | None, paths: FilePaths | None, text_column: str,
+                dataset_config: str | None, val_fraction: float, test_fraction: float, split_seed: int,
+                hf_cache: Path) -> Corpus:
+    """The corpus a data config names: "shakespeare" (offline default), "files" (``paths``, read with
+    HF datasets caching under ``hf_cache``) or any other string as an HF hub dataset name."""
+    if corpus == "shakespeare":
+        return ShakespeareCorpus(corpus_path, val_fraction, test_fraction, split_seed)
+    if corpus == "files":
+        if not paths:
+            raise ValueError("corpus=files needs paths (a list of files or {split: [files]})")
+        return FileCorpus(paths, text_column, val_fraction, test_fraction, split_seed, hf_cache)
+    return HubCorpus(corpus, dataset_config, text_column, val_fraction, test_fraction, split_seed)
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     """Write ``path`` via ``write(file)`` on a temp file in the same folder, fsync, rename.
 
@@ -511,16 +525,10 @@ class LMDataModule(L.LightningDataModule):
         self.seqlen, self.batch_size, self.num_workers = seqlen, batch_size, num_workers
         self.tokenizer_path, self.seed, self.train_stride = tokenizer_path, seed, train_stride
         self.cache_dir = Path(cache_dir) if cache_dir is not None else data_root() / "cache" / "lm"
-        if corpus == "shakespeare":
-            self.corpus: Corpus = ShakespeareCorpus(corpus_path, val_fraction, test_fraction, split_seed)
-        elif corpus == "files":
-            if not paths:
-                raise ValueError("corpus=files needs paths (a list of files or {split: [files]})")
-            self.corpus = FileCorpus(paths, text_column, val_fraction, test_fraction, split_seed,
-                                     self.cache_dir.parent / "hf")
-        else:
-            self.corpus = HubCorpus(corpus, dataset_config, text_column, val_fraction, test_fraction,
-                                    split_seed)
+        self.corpus = make_corpus(corpus, corpus_path=corpus_path, paths=paths, text_column=text_column,
+                                  dataset_config=dataset_config, val_fraction=val_fraction,
+                                  test_fraction=test_fraction, split_seed=split_seed,
+                                  hf_cache=self.cache_dir.parent / "hf")
         self.tokens: dict[str, np.memmap] = {}
         self._tokenizer: Tokenizer | None = None
         self._train_counts: np.ndarray | None = None

@@ -40,16 +40,14 @@ from longctx.data.lm import (
     SPLITS,
     Corpus,
     EpochShuffleSampler,
-    FileCorpus,
     FilePaths,
-    HubCorpus,
     PathLike,
     ResumableLoader,
-    resumable_train_loader,
-    ShakespeareCorpus,
     _atomic_write,
     _read_meta,
     cache_key,
+    make_corpus,
+    resumable_train_loader,
     token_dtype,
 )
 
@@ -261,16 +259,10 @@ class MLMDataModule(L.LightningDataModule):
         self.seqlen, self.batch_size, self.num_workers = seqlen, batch_size, num_workers
         self.vocab_size, self.vocab_path, self.mask_prob, self.seed = vocab_size, vocab_path, mask_prob, seed
         self.cache_dir = Path(cache_dir) if cache_dir is not None else data_root() / "cache" / "mlm"
-        if corpus == "shakespeare":
-            self.corpus: Corpus = ShakespeareCorpus(corpus_path, val_fraction, test_fraction, split_seed)
-        elif corpus == "files":
-            if not paths:
-                raise ValueError("corpus=files needs paths (a list of files or {split: [files]})")
-            self.corpus = FileCorpus(paths, text_column, val_fraction, test_fraction, split_seed,
-                                     self.cache_dir.parent / "hf")
-        else:
-            self.corpus = HubCorpus(corpus, dataset_config, text_column, val_fraction, test_fraction,
-                                    split_seed)
+        self.corpus = make_corpus(corpus, corpus_path=corpus_path, paths=paths, text_column=text_column,
+                                  dataset_config=dataset_config, val_fraction=val_fraction,
+                                  test_fraction=test_fraction, split_seed=split_seed,
+                                  hf_cache=self.cache_dir.parent / "hf")
         self.sequences: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._tokenizer: Tokenizer | None = None
 
