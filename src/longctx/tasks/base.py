@@ -4,6 +4,7 @@ then cosine), gradient clipping, and the run config carried in every checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -32,12 +33,15 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
 
 
 class Task(L.LightningModule):
-    """Base of the tasks. Subclasses set ``self.config`` (the whole run config), ``self.task_cfg``
-    (its task section) and ``self.max_steps`` in ``__init__``."""
+    """Base of the tasks: holds ``self.config`` (the whole run config, sections copied to dicts),
+    ``self.task_cfg`` (its task section, the same dict, so what a task records there reaches every
+    checkpoint) and ``self.max_steps``."""
 
-    config: dict[str, Any]
-    task_cfg: dict[str, Any]
-    max_steps: int
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+        self.task_cfg: dict[str, Any] = self.config["task"]
+        self.max_steps: int = self.config["trainer"]["max_steps"]
 
     def configure_model(self) -> None:
         """Under trainer.strategy=fsdp (Lightning's ModelParallelStrategy, which sets the device

@@ -22,9 +22,7 @@ class CausalLM(Task):
     ``config['task']``. The whole run config travels in every checkpoint, so eval.py needs only the file."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.config = dict(config)
-        self.task_cfg, self.max_steps = dict(config["task"]), config["trainer"]["max_steps"]
+        super().__init__(config)
         self.model = build_model(config["model"])
         self._val_loss_sum = 0.0
         self._val_tokens = 0

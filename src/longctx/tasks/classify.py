@@ -73,9 +73,7 @@ class Classify(Task):
     (single-label) or BCE with logits (multi-label) and the optimiser of ``config['task']``."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.config = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
-        self.task_cfg, self.max_steps = self.config["task"], config["trainer"]["max_steps"]
+        super().__init__(config)
         self.encoder = build_model(config["model"])
         self.head: ClassificationHead | None = None
         if self.task_cfg.get("num_labels"):

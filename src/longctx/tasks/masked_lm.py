@@ -38,9 +38,7 @@ class MaskedLM(Task):
     ``config['task']``. The whole run config travels in every checkpoint, so eval.py needs only the file."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        super().__init__()
-        self.config = dict(config)
-        self.task_cfg, self.max_steps = dict(config["task"]), config["trainer"]["max_steps"]
+        super().__init__(config)
         self.model = build_model(config["model"])
         self._sums = [0.0, 0, 0]  # loss sum, correct, labeled tokens
 
