@@ -43,6 +43,26 @@ class Task(L.LightningModule):
         self.task_cfg: dict[str, Any] = self.config["task"]
         self.max_steps: int = self.config["trainer"]["max_steps"]
 
+    def summed_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed elementwise over the training processes (x itself in a single process)."""
+        if self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).reshape(-1, *x.shape).sum(0)
+
+    def _log_eval(self, split: str) -> None:
+        """Log the metrics of the evaluation pass just finished on `split` ("val" or "test") from the
+        sums the task accumulated since on_validation_epoch_start."""
+        raise NotImplementedError
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
     def configure_model(self) -> None:
         """Under trainer.strategy=fsdp (Lightning's ModelParallelStrategy, which sets the device
         mesh): shard the transformer blocks with FSDP2 (longctx.distributed). Other strategies: nothing."""

@@ -176,9 +176,7 @@ class Classify(Task):
         totals = torch.tensor([s["loss"], s["count"], s["correct"], s["examples"]], dtype=torch.float64,
                               device=self.device)
         counts = s["labels"]
-        if self.trainer.world_size > 1:
-            totals = self.all_gather(totals).reshape(-1, 4).sum(0)
-            counts = self.all_gather(counts).reshape(-1, *counts.shape).sum(0)
+        totals, counts = self.summed_over_ranks(totals), self.summed_over_ranks(counts)
         loss = (totals[0] / totals[1].clamp_min(1)).item()
         metrics = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
         if self.head.multi_label:
@@ -191,9 +189,3 @@ class Classify(Task):
             metrics["accuracy"] = (totals[2] / totals[3].clamp_min(1)).item()
         for name, value in metrics.items():
             self.log(f"{split}/{name}", value, prog_bar=name != "ppl", sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")

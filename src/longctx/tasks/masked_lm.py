@@ -70,18 +70,9 @@ class MaskedLM(Task):
 
     def _log_eval(self, split: str) -> None:
         totals = torch.tensor([float(s) for s in self._sums], dtype=torch.float64, device=self.device)
-        totals = self.all_gather(totals).reshape(-1, 3).sum(0) if self.trainer.world_size > 1 else totals
+        totals = self.summed_over_ranks(totals)
         count = totals[2].clamp_min(1)
         loss = (totals[0] / count).item()
         self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=False)
         self.log(f"{split}/ppl", math.exp(min(loss, 50.0)), prog_bar=True, sync_dist=False)
         self.log(f"{split}/accuracy", (totals[1] / count).item(), prog_bar=True, sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
