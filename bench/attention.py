@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -33,7 +34,16 @@ TOKENS = 16384
 HIDDEN = 2048
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 MEMORY_SEQLENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-ALL_IMPLS = ("longctx", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn", "standard")
+ALL_IMPLS = (
+    "longctx",
+    "longctx_sm80",
+    "sdpa_flash",
+    "sdpa_cudnn",
+    "sdpa_efficient",
+    "flex",
+    "flash_attn",
+    "standard",
+)
 QUICK_IMPLS = ("longctx", "sdpa_flash", "sdpa_cudnn", "flex")
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,12 +53,27 @@ Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # implementations: each takes q, k, v as (B, S, H, D) (views are fine) and returns (B, S, H, D)
 
 
-def _longctx(causal: bool) -> Fn:
-    from longctx.ops import flash
+_SM90_ENV = os.environ.get("LONGCTX_SM90")
 
-    if not flash.is_available():
-        raise RuntimeError(flash._load_error())
-    return lambda q, k, v: flash.flash_attention(q, k, v, causal=causal)
+
+def _longctx_path(stage1: bool) -> Callable[[bool], Fn]:
+    """longctx's kernels; stage1=True forces the mma.sync (sm_80) kernels on Hopper too
+    (LONGCTX_SM90=0, read by the binding at every call; run_speed times one impl at a time)."""
+
+    def make(causal: bool) -> Fn:
+        from longctx.ops import flash
+
+        if not flash.is_available():
+            raise RuntimeError(flash._load_error())
+        if stage1:
+            os.environ["LONGCTX_SM90"] = "0"
+        elif _SM90_ENV is None:
+            os.environ.pop("LONGCTX_SM90", None)
+        else:
+            os.environ["LONGCTX_SM90"] = _SM90_ENV
+        return lambda q, k, v: flash.flash_attention(q, k, v, causal=causal)
+
+    return make
 
 
 def _sdpa(backend_name: str) -> Callable[[bool], Fn]:
@@ -127,7 +152,8 @@ def _flash_attn(causal: bool) -> Fn:
 
 
 MAKERS: dict[str, Callable[[bool], Fn]] = {
-    "longctx": _longctx,
+    "longctx": _longctx_path(stage1=False),
+    "longctx_sm80": _longctx_path(stage1=True),
     "sdpa_flash": _sdpa("FLASH_ATTENTION"),
     "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
     "sdpa_efficient": _sdpa("EFFICIENT_ATTENTION"),
@@ -289,11 +315,11 @@ def print_table(rows: list[dict]) -> None:
     """Ratios of longctx to sdpa flash and cuDNN per config (the stage-1 target lines)."""
     by_key = {(r["impl"], r["head_dim"], r["causal"], r["seqlen"]): r for r in rows}
     print(
-        f"{'D':>4} {'causal':>6} {'seqlen':>6} | {'fwd TF/s':>8} {'x fa2':>6} {'x cudnn':>7} | "
+        f"{'impl':>12} {'D':>4} {'causal':>6} {'seqlen':>6} | {'fwd TF/s':>8} {'x fa2':>6} {'x cudnn':>7} | "
         f"{'bwd TF/s':>8} {'x fa2':>6} {'x cudnn':>7}"
     )
     for (impl, d, causal, s), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
-        if impl != "longctx":
+        if impl not in ("longctx", "longctx_sm80"):
             continue
         fa2, cudnn = (
             by_key.get(("sdpa_flash", d, causal, s), {}),
@@ -306,7 +332,7 @@ def print_table(rows: list[dict]) -> None:
         def val(a: dict, key: str) -> str:
             return f"{a[key]:.0f}" if key in a else a.get("error", "-")[:8]
 
-        cells = [f"{d:>4} {causal!s:>6} {s:>6} |"]
+        cells = [f"{impl:>12} {d:>4} {causal!s:>6} {s:>6} |"]
         for phase in ("fwd", "bwd"):
             key = f"{phase}_tflops"
             cells.append(f"{val(r, key):>8} {ratio(r, fa2, key):>6} {ratio(r, cudnn, key):>7} |")

@@ -86,7 +86,7 @@ for line in open("/tmp/sass.txt", errors="replace"):
     m = re.search(r"Function : (\S+)", line)
     if m:
         name = m.group(1)
-        counts[name] = {k: 0 for k in ("HMMA", "LDSM", "LDGSTS", "LDL", "STL", "MUFU.EX2")}
+        counts[name] = {k: 0 for k in ("HMMA", "HGMMA", "LDSM", "LDGSTS", "LDL", "STL", "MUFU.EX2")}
     elif name:
         for k in counts[name]:
             if re.search(r"\b" + re.escape(k) + r"\b", line):
@@ -95,6 +95,9 @@ for n, c in counts.items():
     if "flash_fwd_kernel" in n and "FwdTraitsILi128" in n and "__nv_bfloat16" in n:
         print("sass", n[:90], c)
 fwd = [c for n, c in counts.items() if "flash_fwd_kernel" in n]
+hopper = [c for n, c in counts.items() if "sm90" in n]
+print(f"sass Hopper kernels: {len(hopper)}; all with HGMMA: {all(c['HGMMA'] for c in hopper)}; "
+      f"any LDL/STL: {any(c['LDL'] or c['STL'] for c in hopper)}")
 print(f"sass fwd kernels: {len(fwd)}; all with HMMA/LDSM/LDGSTS: "
       f"{all(c['HMMA'] and c['LDSM'] and c['LDGSTS'] for c in fwd)}; any LDL/STL: {any(c['LDL'] or c['STL'] for c in fwd)}")
 PY
@@ -194,7 +197,7 @@ fi
 
 step "summary"
 for s in "${SUMMARY[@]}"; do echo "$s" | tee -a "$LOG"; done
-grep -E "^ptxas|^sass fwd" "$LOG" | tail -6
-[ -f /tmp/bench.log ] && sed -n '/^   D causal/,$p' /tmp/bench.log
+grep -E "^ptxas|^sass (fwd|Hopper)" "$LOG" | tail -7
+[ -f /tmp/bench.log ] && sed -n '/ impl  *D causal/,$p' /tmp/bench.log
 [ -f /tmp/sparse.log ] && sed -n '/^   D      S/,$p' /tmp/sparse.log
 exit 0

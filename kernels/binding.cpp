@@ -7,7 +7,9 @@
 // Head dims: the kernels are compiled for 32 / 64 / 96 / 128 only; flash.py zero-pads other head
 // dims up to the next one (and slices the results), so here head_dim must be one of those.
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -127,6 +129,11 @@ void fill_fwd_params(longctx::FlashFwdParams& p, const Tensor& q, const Tensor& 
   }
   int device = q.get_device();
   cudaDeviceGetAttribute(&p.num_sm, cudaDevAttrMultiProcessorCount, device);
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  const char* sm90_env = std::getenv("LONGCTX_SM90");
+  p.use_sm90 = major == 9 && minor == 0 && !(sm90_env != nullptr && std::string(sm90_env) == "0");
 }
 
 // Block-sparse: bool / uint8 keep flags (batch or 1, heads_q or 1, ceil(max_q / 128), ceil(max_k / 128)),

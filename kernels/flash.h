@@ -60,6 +60,9 @@ struct FlashFwdParams {
   int block_mask_cols;  // row stride: key blocks per query block
 
   int num_sm;  // multiprocessor count, for grid heuristics
+  // Hopper kernels (sm_90a, wgmma) where they cover the case: set by the binding on compute
+  // capability 9.0 unless LONGCTX_SM90=0; a build without sm_90a code falls back by itself.
+  bool use_sm90;
 };
 
 struct FlashBwdParams : FlashFwdParams {

@@ -861,19 +861,9 @@ void launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
   dkdv<<<grid_kv, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
 }
 
+// dQ after the dK / dV kernel: scale dq_accum into dq, or (deterministic) the separate dQ kernel.
 template <int D, typename T, bool kIsCausal, bool kHasDropout>
-void launch_bwd(const FlashBwdParams& p, cudaStream_t stream) {
-  // Query rows per iteration (launch_dkdv): 32 for head dim 128 with dropout (else the Philox work
-  // spills registers) and for head dim 64 without dropout (128 registers, 2 blocks per SM), else 64.
-  // dK / dV kernel variant (flash_bwd_dkdv_kernel's kVariant; bit 4 = head dim 64 in 32-query
-  // iterations with 2 blocks per SM): deferred dQ (1) everywhere; head dim 64 without dropout
-  // also 2 blocks per SM, causal not deferred (4: the
-  // deferred form spills 8 B on sm_90a there); head dim 96 with dropout not deferred (spills 32 B on
-  // sm_80). Measured variants: kernels/NOTES_bwd.md (v3-v5).
-  constexpr int kVariant =
-      (D == 64 && !kHasDropout) ? (kIsCausal ? 4 : 5) : ((D == 96 && kHasDropout) ? 0 : 1);
-  launch_dkdv<D, T, kIsCausal, kHasDropout, kVariant>(p, stream);
-
+void launch_dq(const FlashBwdParams& p, cudaStream_t stream) {
   const dim3 grid_rows((p.seqlen_q + kRowsPerBlock - 1) / kRowsPerBlock, p.batch, p.num_heads_q);
   if (p.deterministic) {
     using DqTr = BwdDqTraits<D, T>;
@@ -886,7 +876,28 @@ void launch_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   }
 }
 
+template <int D, typename T, bool kIsCausal, bool kHasDropout>
+void launch_bwd(const FlashBwdParams& p, cudaStream_t stream) {
+  // Query rows per iteration (launch_dkdv): 32 for head dim 128 with dropout (else the Philox work
+  // spills registers) and for head dim 64 without dropout (128 registers, 2 blocks per SM), else 64.
+  // dK / dV kernel variant (flash_bwd_dkdv_kernel's kVariant; bit 4 = head dim 64 in 32-query
+  // iterations with 2 blocks per SM): deferred dQ (1) everywhere; head dim 64 without dropout
+  // also 2 blocks per SM, causal not deferred (4: the
+  // deferred form spills 8 B on sm_90a there); head dim 96 with dropout not deferred (spills 32 B on
+  // sm_80). Measured variants: kernels/NOTES_bwd.md (v3-v5).
+  constexpr int kVariant =
+      (D == 64 && !kHasDropout) ? (kIsCausal ? 4 : 5) : ((D == 96 && kHasDropout) ? 0 : 1);
+  launch_dkdv<D, T, kIsCausal, kHasDropout, kVariant>(p, stream);
+  launch_dq<D, T, kIsCausal, kHasDropout>(p, stream);
+}
+
+
 }  // namespace bwd
+}  // namespace longctx
+
+#include "flash_bwd_sm90.cuh"
+
+namespace longctx {
 
 // One explicit instantiation per (head dim, dtype) lives in flash_bwd_hdim*_*.cu.
 template <int kHeadDim, typename T>
@@ -894,6 +905,18 @@ void run_flash_bwd_hdim(const FlashBwdParams& p, cudaStream_t stream) {
   const dim3 grid_rows((p.seqlen_q + bwd::kRowsPerBlock - 1) / bwd::kRowsPerBlock, p.batch, p.num_heads_q);
   bwd::flash_bwd_dot_do_o_kernel<T, kHeadDim><<<grid_rows, bwd::kRowKernelThreads, 0, stream>>>(p);
   const bool dropout = p.p_dropout > 0.f;
+  // Hopper path (flash_bwd_sm90.cuh) for head dims 64 / 128 without dropout, when enabled and built.
+  if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+    if (p.use_sm90 && !dropout) {
+      const bool launched = p.is_causal ? sm90::launch_dkdv<kHeadDim, T, true>(p, stream)
+                                        : sm90::launch_dkdv<kHeadDim, T, false>(p, stream);
+      if (launched) {
+        if (p.is_causal) bwd::launch_dq<kHeadDim, T, true, false>(p, stream);
+        else bwd::launch_dq<kHeadDim, T, false, false>(p, stream);
+        return;
+      }
+    }
+  }
   if (p.is_causal) {
     if (dropout) bwd::launch_bwd<kHeadDim, T, true, true>(p, stream);
     else bwd::launch_bwd<kHeadDim, T, true, false>(p, stream);

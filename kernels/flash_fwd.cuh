@@ -587,12 +587,34 @@ void launch_for_arch(const FlashFwdParams& p, cudaStream_t stream) {
   else launch_flash_fwd<typename Config::TraitsSm8x, kIsCausal, kHasDropout, false>(p, stream);
 }
 
+}  // namespace longctx
+
+#include "flash_fwd_sm90.cuh"
+
+namespace longctx {
+
 // One explicit instantiation per (head dim, dtype) lives in flash_fwd_hdim*_*.cu.
 template <int kHeadDim, typename T>
 void run_flash_fwd_hdim(const FlashFwdParams& p, cudaStream_t stream) {
   using WithDropout = FwdConfig<kHeadDim, true, T>;
   using NoDropout = FwdConfig<kHeadDim, false, T>;
   const bool dropout = p.p_dropout > 0.f;
+  // Hopper path (flash_fwd_sm90.cuh) for head dim 128 without dropout, when enabled and built. At
+  // head dim 64 it is still slower than the stage-1 kernel (258-302 vs 320-353 TFLOP/s, H100,
+  // kernels/NOTES_sm90.md), so 64 stays there for now.
+  if constexpr (kHeadDim == 128) {
+    if (p.use_sm90 && !dropout) {
+      const bool sparse = p.block_mask != nullptr;
+      bool launched;
+      if (p.is_causal)
+        launched = sparse ? sm90::launch_fwd<kHeadDim, T, true, true>(p, stream)
+                          : sm90::launch_fwd<kHeadDim, T, true, false>(p, stream);
+      else
+        launched = sparse ? sm90::launch_fwd<kHeadDim, T, false, true>(p, stream)
+                          : sm90::launch_fwd<kHeadDim, T, false, false>(p, stream);
+      if (launched) return;
+    }
+  }
   if (p.is_causal) {
     if (dropout) launch_for_arch<WithDropout, true, true>(p, stream);
     else launch_for_arch<NoDropout, true, false>(p, stream);

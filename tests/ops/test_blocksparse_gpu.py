@@ -19,7 +19,7 @@ from longctx.ops import attention
 from longctx.ops.blocksparse import block_mask_from_pattern, expand_block_mask, random_blocks
 from longctx.ops.common import causal_visible
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("kernel_path")]
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from longctx.ops.common import batch_head_index, causal_visible, dropout_keep_mask
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("kernel_path")]
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)

@@ -1,0 +1,318 @@
+// FlashAttention backward, Hopper path (sm_90a): the dK / dV kernel on warpgroup MMA (wgmma).
+//
+// Same mathematics and outputs as flash_bwd_dkdv_kernel (flash_bwd.cuh), different machinery. The
+// stage-1 kernel is bound by shared-memory reads: each of its 8 warps streams the whole Q and dO tile
+// through ldmatrix twice per iteration (~720 KB per 64 x 128 iteration at head dim 128). wgmma reads
+// its shared-memory operands once per warpgroup (4 warps) and keeps P^T / dS^T in registers, so the
+// same iteration reads ~290 KB, and the tensor cores run at the Hopper rate.
+//
+// One thread block per (kBlockN = 128 keys, query head, batch), 2 warpgroups (256 threads);
+// warpgroup g owns keys [64g, 64g + 64) of the block and loops over the query tiles (kBlockM = 64)
+// that see them:
+//   S^T  = K_g Q^T                     wgmma m64n64,  A = K (smem, K-major),  B = Q (K-major)
+//   dP^T = V_g dO^T                    wgmma m64n64,  A = V,                  B = dO (K-major)
+//   P^T  = exp2(S^T scale_log2 - lse2)  in registers (masked: causal, past the end, empty rows)
+//   dV  += P^T dO                      wgmma m64nD,   A = P^T (registers),    B = dO (MN-major)
+//   dS^T = P^T (dP^T - rowsum(dO O))    in registers (P^T as rounded for dV, as PyTorch's own
+//                                      low-precision backward does), also stored to shared memory
+//   dK  += dS^T Q                      wgmma m64nD,   A = dS^T (registers),   B = Q (MN-major)
+//   dQ = dS K, split in 64 x 64 parts  wgmma m64n64,  A = dS (smem, M-major), B = K (MN-major),
+//        (warpgroup g: query rows 64g.. at 128 queries, else columns 64g..), added to dq_accum
+//        with fp32 vector atomics
+// Q, dO and their row statistics are double-buffered with cp.async (the next tile is in flight
+// during this one); dK / dV stay in registers and are written once at the end (dK scaled).
+// Dropout stays on the stage-1 kernel; the deterministic mode uses this kernel without its dQ part
+// (flash_bwd_dq_kernel computes dQ).
+//
+// Included by flash_bwd.cuh (after its bwd:: helpers, before run_flash_bwd_hdim), not on its own.
+#pragma once
+
+#include <type_traits>
+
+#include "wgmma.cuh"
+
+namespace longctx {
+namespace sm90 {
+
+template <int kHeadDim_, typename T_>
+struct BwdTraits {
+  using T = T_;
+  static constexpr int D = kHeadDim_;
+  static_assert(D == 64 || D == 128, "the Hopper backward covers head dims 64 and 128");
+  // Queries per iteration: 128 at head dim 64 (twice the work per barrier and per softmax pass),
+  // 64 at head dim 128 (registers: dK + dV already hold 128 per thread).
+  static constexpr int kBlockN = 128, kBlockM = D == 64 ? 128 : 64, kThreads = 256;
+  using KTile = SwizzledTile<kBlockN, D>;   // K, V: [keys][D]
+  using QTile = SwizzledTile<kBlockM, D>;   // Q, dO: [queries][D], two stages each
+  using DSTile = SwizzledTile<kBlockN, kBlockM>;  // dS^T: [keys][queries]
+  // Byte offsets from the 1024-aligned base; every tile starts on a 1024-byte boundary.
+  static constexpr int kOffV = KTile::kBytes;
+  static constexpr int kOffQ = 2 * KTile::kBytes;
+  static constexpr int kOffdO = kOffQ + 2 * QTile::kBytes;
+  static constexpr int kOffdS = kOffdO + 2 * QTile::kBytes;
+  static constexpr int kOffStats = kOffdS + DSTile::kBytes;  // lse [2][kBlockM], then rowsum(dO O)
+  static constexpr int kSmemBytes = kOffStats + 4 * kBlockM * 4 + 1024;  // + alignment slack
+};
+
+template <typename Tr, bool kIsCausal>
+__global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(const FlashBwdParams p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename Tr::T;
+  using KTile = typename Tr::KTile;
+  using QTile = typename Tr::QTile;
+  using DSTile = typename Tr::DSTile;
+  using bwd::opaque;
+  constexpr int D = Tr::D, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
+  constexpr int kDSteps = D / 16;      // k16 steps over the head dim (S^T, dP^T)
+  constexpr int kMSteps = kBlockM / 16;  // k16 steps over the query tile (dV, dK)
+  constexpr int kNSteps = kBlockN / 16;  // k16 steps over the key block (dQ)
+  using WgS = Wgmma<kBlockM, T>;   // S^T, dP^T: 64 keys x kBlockM queries
+  using WgKV = Wgmma<D, T>;        // dK, dV: 64 keys x D
+  using WgQ = Wgmma<64, T>;        // dQ: a 64 x 64 part
+  static_assert(kBlockM * D == 128 * 64, "dQ splits into one 64 x 64 part per warpgroup");
+  constexpr bool kDqByRows = kBlockM == 128;  // warpgroup g: dQ rows 64g.. (else columns 64g..)
+
+  extern __shared__ char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  char* const smem = smem_raw + (base - smem_u32(smem_raw));
+  const uint32_t sK = base, sV = base + Tr::kOffV, sQ0 = base + Tr::kOffQ, sdO0 = base + Tr::kOffdO;
+  const uint32_t sdS = base + Tr::kOffdS;
+  float* const sLse = reinterpret_cast<float*>(smem + Tr::kOffStats);  // [2][kBlockM]
+  float* const sDsum = sLse + 2 * kBlockM;                             // [2][kBlockM]
+
+  const int n_block = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
+  const int tid = threadIdx.x;
+  const bwd::SeqInfo s(p, b);
+  const int col0 = n_block * kBlockN;
+  if (col0 >= s.seqlen_k) return;
+  const int hk = h / (p.num_heads_q / p.num_heads_k);
+  const int diag = s.seqlen_k - s.seqlen_q;  // query i sees keys j <= i + diag (causal)
+  const int m_end = (s.seqlen_q + kBlockM - 1) / kBlockM;
+  const int m_begin = kIsCausal ? max(0, col0 - diag) / kBlockM : 0;
+  const MaskLine<kBlockM> mask = mask_col<kBlockM>(p, b, h, col0);
+  const int m_first = mask.next(m_begin, m_end);
+
+  const T* q_ptr = static_cast<const T*>(p.q) + s.tok(b, s.q_start, p.q_batch_stride, p.q_row_stride, h, p.q_head_stride);
+  const T* do_ptr =
+      static_cast<const T*>(p.dout) + s.tok(b, s.q_start, p.do_batch_stride, p.do_row_stride, h, p.do_head_stride);
+  const T* k_ptr = static_cast<const T*>(p.k) + s.tok(b, s.k_start, p.k_batch_stride, p.k_row_stride, hk, p.k_head_stride);
+  const T* v_ptr = static_cast<const T*>(p.v) + s.tok(b, s.k_start, p.v_batch_stride, p.v_row_stride, hk, p.v_head_stride);
+  const int64_t lse_off = b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
+  const float* lse_ptr = p.lse + lse_off;
+  const float* dsum_ptr = p.dsoftmax_sum + lse_off;
+  float* const dq_ptr = p.dq_accum + (s.dq_accum_row(b, p.seqlen_q) * p.num_heads_q + h) * static_cast<int64_t>(D);
+  const int64_t dq_row_stride = static_cast<int64_t>(p.num_heads_q) * D;
+  const bool compute_dq = !p.deterministic;
+
+  // Prologue: K, V and the first query tile.
+  T* const smem_t = reinterpret_cast<T*>(smem);
+  bwd::copy_tile<KTile, kThreads>(smem_t, k_ptr, p.k_row_stride, col0, s.seqlen_k, tid);
+  bwd::copy_tile<KTile, kThreads>(smem_t + Tr::kOffV / 2, v_ptr, p.v_row_stride, col0, s.seqlen_k, tid);
+  auto load_query_tile = [&](int m, int stage) {
+    const int row0 = m * kBlockM;
+    bwd::copy_tile<QTile, kThreads>(smem_t + (Tr::kOffQ + stage * QTile::kBytes) / 2, q_ptr, p.q_row_stride, row0,
+                                    s.seqlen_q, tid);
+    bwd::copy_tile<QTile, kThreads>(smem_t + (Tr::kOffdO + stage * QTile::kBytes) / 2, do_ptr, p.do_row_stride,
+                                    row0, s.seqlen_q, tid);
+    bwd::copy_row_stats<kBlockM, kThreads>(sLse + stage * kBlockM, lse_ptr, row0, s.seqlen_q, tid);
+    bwd::copy_row_stats<kBlockM, kThreads>(sDsum + stage * kBlockM, dsum_ptr, row0, s.seqlen_q, tid);
+  };
+  if (m_first < m_end) load_query_tile(m_first, 0);
+  cp_async_commit();
+
+  // Thread coordinates inside the warpgroup's m64 accumulators (wgmma.cuh): rows 16 warp + g (+8),
+  // columns 8j + 2 t4 (+1).
+  const int wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int key_row = 64 * wg + 16 * warp + g;  // this thread's first key row inside the block
+
+  float acc_dk[WgKV::kRegs], acc_dv[WgKV::kRegs];
+#pragma unroll
+  for (int i = 0; i < WgKV::kRegs; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+  const float scale_log2 = p.softmax_scale_log2;
+
+  int stage = 0;
+  for (int m_block = m_first; m_block < m_end; stage ^= 1) {
+    const int row0 = m_block * kBlockM;
+    const int m_next = mask.next(m_block + 1, m_end);
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // this tile's Q / dO / stats are in; the previous iteration's reads are done
+    if (m_next < m_end) load_query_tile(m_next, stage ^ 1);
+    cp_async_commit();
+
+    // One query tile; kMasked: the tile may need the causal / sequence-end mask (need_mask says).
+    const bool need_mask = col0 + kBlockN > s.seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
+    auto process_tile = [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
+      const uint32_t sQ = sQ0 + stage * QTile::kBytes, sdO = sdO0 + stage * QTile::kBytes;
+      const float* lse_s = sLse + stage * kBlockM;
+      const float* dsum_s = sDsum + stage * kBlockM;
+
+      // S^T, and dP^T issued right behind it unless registers are short (masked tiles at head dim 64
+      // causal, where the mask arithmetic would spill with dP^T's accumulators live): then dP^T goes
+      // out after P^T.
+      constexpr bool kDpEarly = !(kMasked && kIsCausal && kBlockM == 128);
+      float acc_s[WgS::kRegs], acc_dp[WgS::kRegs];
+      auto issue_dp = [&] {
+  #pragma unroll
+        for (int kk = 0; kk < kDSteps; ++kk) {
+          const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
+          const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+          WgS::template ss<0, 0>(acc_dp, smem_desc(sV + a_off, 16, 1024), smem_desc(sdO + b_off, 16, 1024), kk);
+        }
+        wgmma_commit();
+      };
+      wgmma_fence();
+  #pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk) {
+        const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
+        const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+        WgS::template ss<0, 0>(acc_s, smem_desc(sK + a_off, 16, 1024), smem_desc(sQ + b_off, 16, 1024), kk);
+      }
+      wgmma_commit();
+      if constexpr (kDpEarly) {
+        issue_dp();
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+      fence_operand(acc_s);
+
+      // P^T = exp2(S^T scale_log2 - lse2[query]); zero for keys past the end, hidden keys (causal)
+      // and queries past the end or with no visible key (lse2 = +inf there).
+  #pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j)
+  #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qcol = 8 * j + 2 * t4 + (e % 2);
+          const int key = col0 + key_row + 8 * (e / 2);
+          const float lse2 = bwd::lse_log2(lse_s[qcol], row0 + qcol < s.seqlen_q);
+          float pv = fast_exp2(acc_s[4 * j + e] * scale_log2 - lse2);
+          if (kMasked && need_mask && (key >= s.seqlen_k || (kIsCausal && key > row0 + qcol + diag))) pv = 0.f;
+          acc_s[4 * j + e] = pv;
+        }
+      uint32_t p_a[kMSteps][4];
+  #pragma unroll
+      for (int kk = 0; kk < kMSteps; ++kk) {
+        p_a[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
+        p_a[kk][1] = pack_float2<T>(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
+        p_a[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
+        p_a[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
+      }
+      // dV += P^T dO (B = dO, MN-major: k16 step = 16 query rows).
+      wgmma_fence();
+      if constexpr (!kDpEarly) issue_dp();
+  #pragma unroll
+      for (int kk = 0; kk < kMSteps; ++kk)
+        WgKV::template rs<1>(acc_dv, p_a[kk], smem_desc(sdO + kk * 16 * 128, QTile::kBlockBytes, 1024));
+      wgmma_commit();
+      wgmma_wait<1>();  // dP^T done (dV may still run: it only reads p_a)
+      fence_operand(acc_dp);
+
+      // dS^T = P^T (dP^T - rowsum(dO O)[query]), P^T from its packed form. Register r of a k16 step
+      // holds columns 16 kk + 8 (r / 2) + 2 t4 (+1) of row g + 8 (r % 2).
+      uint32_t ds_a[kMSteps][4];
+  #pragma unroll
+      for (int kk = 0; kk < kMSteps; ++kk)
+  #pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int qcol = 16 * kk + 8 * (r / 2) + 2 * t4;
+          const float2 pv = unpack_float2<T>(p_a[kk][r]);
+          const int i = 8 * kk + 2 * r;  // accumulator index of that pair
+          ds_a[kk][r] = pack_float2<T>(pv.x * (acc_dp[i] - dsum_s[qcol]), pv.y * (acc_dp[i + 1] - dsum_s[qcol + 1]));
+        }
+      // dK += dS^T Q (B = Q, MN-major).
+      wgmma_fence();
+  #pragma unroll
+      for (int kk = 0; kk < kMSteps; ++kk)
+        WgKV::template rs<1>(acc_dk, ds_a[kk], smem_desc(sQ + kk * 16 * 128, QTile::kBlockBytes, 1024));
+      wgmma_commit();
+
+      if (compute_dq) {
+        // dS^T to shared memory: element (key, query) at DSTile (row key, column query).
+  #pragma unroll
+        for (int kk = 0; kk < kMSteps; ++kk)
+  #pragma unroll
+          for (int half = 0; half < 2; ++half)
+  #pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              const int r = key_row + 8 * hh, c = 16 * kk + 8 * half;
+              *reinterpret_cast<uint32_t*>(smem + Tr::kOffdS + 2 * (DSTile::offset(r, c) + 2 * t4)) =
+                  ds_a[kk][2 * half + hh];
+            }
+      }
+      wgmma_wait<0>();
+      fence_operand(acc_dv);
+      fence_operand(acc_dk);
+      if (compute_dq) {
+        fence_proxy_async();
+        __syncthreads();  // both warpgroups' dS^T are in shared memory
+        // dQ part of this warpgroup = dS K: A = dS (M-major view of dS^T), B = K (MN-major), k16 step
+        // = 16 keys.
+        const uint32_t a_start = sdS + (kDqByRows ? wg * DSTile::kBlockBytes : 0);
+        const uint32_t b_start = sK + (kDqByRows ? 0 : wg * KTile::kBlockBytes);
+        float acc_dq[WgQ::kRegs];
+        wgmma_fence();
+  #pragma unroll
+        for (int kk = 0; kk < kNSteps; ++kk)
+          WgQ::template ss<1, 1>(acc_dq, smem_desc(a_start + kk * 16 * 128, DSTile::kBlockBytes, 1024),
+                                 smem_desc(b_start + kk * 16 * 128, KTile::kBlockBytes, 1024), kk);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operand(acc_dq);
+        // Accumulator rows 16 warp + g (+8), columns 8j + 2 t4 of the part.
+  #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int qrow = row0 + (kDqByRows ? 64 * wg : 0) + 16 * warp + g + 8 * hh;
+          if (qrow < s.seqlen_q) {
+            float* dst = dq_ptr + qrow * dq_row_stride + (kDqByRows ? 0 : 64 * wg) + 2 * t4;
+  #pragma unroll
+            for (int j = 0; j < 8; ++j) atomic_add_f32x2(dst + 8 * j, acc_dq[4 * j + 2 * hh], acc_dq[4 * j + 2 * hh + 1]);
+          }
+        }
+      }
+    };
+    // Two instances only where they pay (head dim 64 causal); elsewhere one, masking at run time
+    // (two instances spill at head dim 128).
+    if (!(kIsCausal && kBlockM == 128) || need_mask) process_tile(std::true_type{});
+    else process_tile(std::false_type{});
+    m_block = m_next;
+  }
+
+  // Epilogue: dK (scaled) and dV through shared memory (the K / V tiles) for 16-byte stores.
+  cp_async_wait<0>();
+  __syncthreads();  // every warpgroup is done reading sK, sV
+  const float scale = p.softmax_scale;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int off = 2 * (KTile::offset(key_row + 8 * hh, 8 * j) + 2 * t4);
+      *reinterpret_cast<uint32_t*>(smem + off) =
+          pack_float2<T>(acc_dk[4 * j + 2 * hh] * scale, acc_dk[4 * j + 2 * hh + 1] * scale);
+      *reinterpret_cast<uint32_t*>(smem + Tr::kOffV + off) = pack_float2<T>(acc_dv[4 * j + 2 * hh], acc_dv[4 * j + 2 * hh + 1]);
+    }
+  __syncthreads();
+  T* dk_ptr = static_cast<T*>(p.dk) + s.tok(b, s.k_start, p.dk_batch_stride, p.dk_row_stride, h, p.dk_head_stride);
+  T* dv_ptr = static_cast<T*>(p.dv) + s.tok(b, s.k_start, p.dv_batch_stride, p.dv_row_stride, h, p.dv_head_stride);
+  bwd::store_tile<KTile, kThreads>(dk_ptr, smem_t, p.dk_row_stride, col0, s.seqlen_k, tid);
+  bwd::store_tile<KTile, kThreads>(dv_ptr, smem_t + Tr::kOffV / 2, p.dv_row_stride, col0, s.seqlen_k, tid);
+#endif
+}
+
+// dK / dV (and dQ into dq_accum unless deterministic) on the Hopper path; returns false, launching
+// nothing, when this build has no sm_90a code.
+template <int D, typename T, bool kIsCausal>
+bool launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
+  using Tr = BwdTraits<D, T>;
+  auto kernel = flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal>;
+  static const bool available = has_sm90_code(kernel);
+  if (!available) return false;
+  bwd::set_smem(kernel, Tr::kSmemBytes);
+  const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.num_heads_q);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return true;
+}
+
+}  // namespace sm90
+}  // namespace longctx
