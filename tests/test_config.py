@@ -75,6 +75,7 @@ def test_every_experiment_opens_with_its_run_command():
         (["data.corpus_path=/no/such/texts"], "data.corpus_path: no such file or directory: /no/such/texts"),
         (["data=textfiles", "data.paths=[/no/a.txt]"], "data.paths: no such file or directory: /no/a.txt"),
         (["model.attn=fast"], "model.attn='fast' is not an attention implementation"),
+        (["model=bert-tiny", "task=masked_lm", "model.norm_position=mid"], "model.norm_position='mid'"),
         (["trainer.precision=fp8"], "trainer.precision='fp8'"),
         (["model"], "expected KEY=VALUE, got 'model'"),
         (["model=bert-tiny"], "task=causal_lm trains model.arch gpt2; model=bert-tiny is arch bert"),

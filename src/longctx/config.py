@@ -35,6 +35,7 @@ TASK_MODELS["classify"] = ("bert",)
 # is LM data), and the data kinds it can read (task.arch -> data.kind), where they are fixed.
 TASK_DEFAULT_DATA = {"masked_lm": "shakespeare_mlm"}
 TASK_DATA_KINDS = {"masked_lm": ("mlm",)}
+NORM_POSITIONS = ("post", "pre")  # model.norm_position of BERT (BertConfig.norm_position)
 PRECISIONS = ("auto", "32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true")
 # Keys that take a number or one of these words.
 NUMBER_OR_WORD = {"task.threshold": ("tune",)}
@@ -221,6 +222,9 @@ def validate(cfg: DictConfig) -> None:
     if task_arch in TASK_MODELS and model_arch not in TASK_MODELS[task_arch]:
         raise ConfigError(f"task={cfg.task.name} trains model.arch {', '.join(TASK_MODELS[task_arch])}; "
                           f"model={cfg.model.name} is arch {model_arch} (no task for it yet)")
+    norm = cfg.model.get("norm_position")
+    if norm is not None and norm not in NORM_POSITIONS:
+        raise ConfigError(f"model.norm_position='{norm}'; choose from: {', '.join(NORM_POSITIONS)}")
     attn = cfg.model.get("attn")
     if attn is not None and attn not in ATTN_IMPLS:
         raise ConfigError(f"model.attn='{attn}' is not an attention implementation; choose from: "

@@ -1,8 +1,12 @@
 """BERT (Devlin et al. 2019): token + position + segment embeddings, post-LayerNorm blocks, exact GELU.
 
 Blocks compute x = LN(x + attn(x)), then x = LN(x + mlp(x)), as the original BERT (not GPT-2's
-pre-LayerNorm). With an ``attention_mask`` the forward is padding-free: the real tokens are packed
-into one (total_tokens, n_embd) tensor, every layer (attention through the varlen path of
+pre-LayerNorm). ``BertConfig.norm_position="pre"`` gives instead the encoder of the Nystromformer
+LRA reproduction (Xiong et al. 2021): no LayerNorm on the embeddings, blocks x = x + attn(LN(x)),
+x = x + mlp(LN(x)), and a final LayerNorm after the last block.
+
+With an ``attention_mask`` the forward is padding-free: the real tokens are packed into one
+(total_tokens, n_embd) tensor, every layer (attention through the varlen path of
 ``longctx.ops.attention``) runs on them only, and the result is scattered back to (batch, seqlen).
 """
 
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longctx.config import NORM_POSITIONS  # BertConfig.norm_position
 from longctx.models.layers import SelfAttention
 
 
@@ -24,7 +29,11 @@ class BertConfig:
 
     ``positions_skip_padding``: False (BERT) numbers a token by its index in the padded row; True
     (RoBERTa) counts only the real tokens before it, so a left-padded row starts at position 0.
-    The two agree on right-padded and unpadded batches."""
+    The two agree on right-padded and unpadded batches.
+
+    ``norm_position``: "post" (BERT: LayerNorm after each residual sum, and on the embeddings) or
+    "pre" (LayerNorm at the input of each sublayer and once after the last block; none on the
+    embeddings, as the Nystromformer LRA encoder). Hugging Face BERT/RoBERTa are post-LN."""
 
     vocab_size: int = 30522
     n_layer: int = 12
@@ -39,10 +48,18 @@ class BertConfig:
     approx: dict | None = None  # attn in longctx.models.approx: its hyper-parameters (model.approx)
     attn_pattern: str | None = None  # attn="blocksparse" only: a spec of longctx.ops.blocksparse
     positions_skip_padding: bool = False
+    norm_position: str = "post"
+
+    def __post_init__(self) -> None:
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {list(NORM_POSITIONS)}, "
+                             f"got {self.norm_position!r}")
 
 
 class BertBlock(nn.Module):
-    """Post-LayerNorm encoder block: x = LN(x + attn(x)); x = LN(x + fc2(gelu_erf(fc1(x))))."""
+    """Encoder block. Post-LayerNorm (BERT): x = LN(x + attn(x)); x = LN(x + fc2(gelu_erf(fc1(x)))).
+    Pre-LayerNorm: x = x + attn(LN(x)); x = x + fc2(gelu_erf(fc1(LN(x)))). Both drop out the output
+    of each sublayer (attn's inside SelfAttention)."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -54,12 +71,19 @@ class BertBlock(nn.Module):
         self.proj = nn.Linear(config.intermediate_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.pre_norm = config.norm_position == "pre"
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:
         """x: (batch, seqlen, n_embd), or packed (total_tokens, n_embd) with cu_seqlens/max_seqlen."""
+        if self.pre_norm:
+            x = x + self.attn(self.ln_1(x), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            return x + self._mlp(self.ln_2(x))
         x = self.ln_1(x + self.attn(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
-        return self.ln_2(x + self.drop(self.proj(F.gelu(self.fc(x)))))
+        return self.ln_2(x + self._mlp(x))
 
 
 class Bert(nn.Module):
@@ -76,9 +100,15 @@ class Bert(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.max_positions, config.n_embd)
         self.wtt = nn.Embedding(config.type_vocab_size, config.n_embd)
-        self.ln_emb = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        # Post-LN normalises the embeddings and each block's output; pre-LN normalises each sublayer's
+        # input and, once, the last block's output (ln_f), so the heads see normalised features.
+        # Identity has no parameters: a post-LN state dict is the same as before pre-LN existed.
+        pre = config.norm_position == "pre"
+        norm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.ln_emb = nn.Identity() if pre else norm
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(BertBlock(config) for _ in range(config.n_layer))
+        self.ln_f = norm if pre else nn.Identity()
         self.pooler = nn.Linear(config.n_embd, config.n_embd)
         self.mlm_dense = nn.Linear(config.n_embd, config.n_embd)
         self.mlm_ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
@@ -95,7 +125,8 @@ class Bert(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor,
                token_type_ids: torch.Tensor) -> torch.Tensor:
-        """Ids, positions and segments of equal shape (...) -> LN(sum of embeddings), (..., n_embd)."""
+        """Ids, positions and segments of equal shape (...) -> LN(sum of embeddings), (..., n_embd);
+        pre-LN: the sum itself."""
         return self.drop(self.ln_emb(self.wte(input_ids) + self.wpe(positions) + self.wtt(token_type_ids)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -115,7 +146,7 @@ class Bert(nn.Module):
             x = self._embed(input_ids, positions, token_type_ids)
             for block in self.blocks:
                 x = block(x)
-            return x
+            return self.ln_f(x)
         # Padding-free path: pack the real tokens, run on them only, scatter back.
         mask = attention_mask.bool()
         keep = mask.flatten().nonzero().squeeze(1)  # (total_tokens,) flat indices of real tokens
@@ -126,7 +157,7 @@ class Bert(nn.Module):
         for block in self.blocks:
             x = block(x, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         out = x.new_zeros(b * s, x.shape[-1])
-        out[keep] = x
+        out[keep] = self.ln_f(x)
         return out.view(b, s, -1)
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -191,7 +191,8 @@ def bert_from_hf(path: str | Path, *, max_positions: int | None = None, position
     attention_mask that is 0 exactly at the pad tokens. RobertaForSequenceClassification's
     ``classifier.dense`` (tanh on the first token) is the same function as BERT's pooler and
     loads into ``pooler``. Heads absent from the checkpoint (pooler in *ForMaskedLM, MLM head in
-    BertModel) keep their initialisation.
+    BertModel) keep their initialisation. The model is post-LayerNorm (``norm_position="post"``),
+    as BERT and RoBERTa are.
     """
     hf, sd = load_hf_dir(path)
     kind = hf.get("model_type", "bert")
@@ -281,7 +282,8 @@ def bert_to_hf(model: Bert, path: str | Path, *, model_type: str = "bert", pad_t
     For RoBERTa the position table gets pad_token_id + 1 leading zero rows, the offset that
     ``bert_from_hf`` drops, so export then import round-trips exactly. RoBERTa counts positions
     over real tokens only, so model_type="roberta" needs ``positions_skip_padding=True`` and
-    "bert" needs False; a mismatch would change left-padded outputs and is refused.
+    "bert" needs False; a mismatch would change left-padded outputs and is refused, as is a
+    pre-LayerNorm model (``norm_position="pre"``), which HF's post-LN layers cannot express.
     """
     import transformers
     from safetensors.torch import save_file
@@ -289,6 +291,9 @@ def bert_to_hf(model: Bert, path: str | Path, *, model_type: str = "bert", pad_t
     if model_type not in _MLM_HEAD:
         raise ValueError(f"model_type must be 'bert' or 'roberta', got {model_type!r}")
     c = model.config
+    if c.norm_position != "post":
+        raise ValueError(f"Hugging Face BERT/RoBERTa are post-LayerNorm; a model with "
+                         f"norm_position={c.norm_position!r} cannot be exported (allowed: 'post')")
     if c.positions_skip_padding != (model_type == "roberta"):
         raise ValueError(f"model_type={model_type!r} numbers positions "
                          f"{'over real tokens only' if model_type == 'roberta' else 'by index in the row'}"

@@ -49,7 +49,9 @@ def _encoder_from_hf(task: nn.Module, path: Path) -> None:
         raise ValueError(f"task.init_from={path} is a Hugging Face directory; only a BERT encoder takes one")
     ours = encoder.config
     loaded = bert_from_hf(path, max_positions=ours.max_positions, position_mode="repeat")
-    for field in ("vocab_size", "n_layer", "n_head", "n_embd", "intermediate_size", "type_vocab_size"):
+    fields = ("vocab_size", "n_layer", "n_head", "n_embd", "intermediate_size", "type_vocab_size",
+              "norm_position")  # HF BERT/RoBERTa are post-LN: their weights do not fit a pre-LN encoder
+    for field in fields:
         theirs = getattr(loaded.config, field)
         if theirs != getattr(ours, field):
             raise ValueError(f"task.init_from={path} has {field}={theirs} but model.{field}="
