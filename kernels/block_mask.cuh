@@ -41,18 +41,34 @@ struct MaskLine {
 };
 
 // The same walk over a mask line staged in shared memory (one byte per block at byte address
-// `smem`): plain shared loads on a 32-bit address, which costs the caller no 64-bit pointer.
+// `smem`, see stage_mask_line): plain shared loads on a 32-bit address, which costs the caller no
+// 64-bit pointer, and no dependent global load per step (at low density a step probes many blocks).
+__device__ __forceinline__ bool kept_smem(uint32_t smem, int block) {
+  uint32_t flag;
+  asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(flag) : "r"(smem + block));
+  return flag != 0;
+}
+
 template <int kTile>
 __device__ __forceinline__ int prev_kept_smem(uint32_t smem, int t) {
   constexpr int kTilesPerBlock = kMaskBlock / kTile;
-  auto kept = [&](int tile) {
-    uint32_t flag;
-    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(flag) : "r"(smem + tile / kTilesPerBlock));
-    return flag != 0;
-  };
   --t;
-  while (t >= 0 && !kept(t)) t = (t / kTilesPerBlock) * kTilesPerBlock - 1;
+  while (t >= 0 && !kept_smem(smem, t / kTilesPerBlock)) t = (t / kTilesPerBlock) * kTilesPerBlock - 1;
   return t;
+}
+
+template <int kTile>
+__device__ __forceinline__ int next_kept_smem(uint32_t smem, int t, int t_end) {
+  constexpr int kTilesPerBlock = kMaskBlock / kTile;
+  while (t < t_end && !kept_smem(smem, t / kTilesPerBlock)) t = (t / kTilesPerBlock + 1) * kTilesPerBlock;
+  return t < t_end ? t : t_end;
+}
+
+// Copies the first `blocks` flags of a mask line to shared memory, one byte each; the caller
+// synchronises before walking it.
+template <int kTile, int kThreads>
+__device__ __forceinline__ void stage_mask_line(uint8_t* smem, const MaskLine<kTile>& line, int blocks, int tid) {
+  for (int i = tid; i < blocks; i += kThreads) smem[i] = line.flags[i * line.stride];
 }
 
 // Key blocks seen by the query block of row `row` (sequence coordinates) of (batch b, query head h).

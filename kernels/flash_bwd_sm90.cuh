@@ -51,7 +51,8 @@ struct BwdTraits {
   static constexpr int kOffdO = kOffQ + 2 * QTile::kBytes;
   static constexpr int kOffdS = kOffdO + 2 * QTile::kBytes;
   static constexpr int kOffStats = kOffdS + DSTile::kBytes;  // lse [2][kBlockM], then rowsum(dO O)
-  static constexpr int kSmemBytes = kOffStats + 4 * kBlockM * 4 + 1024;  // + alignment slack
+  static constexpr int kOffMask = kOffStats + 4 * kBlockM * 4;  // block-sparse: the mask column
+  static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask column's bytes)
 };
 
 template <typename Tr, bool kIsCausal>
@@ -89,8 +90,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(co
   const int diag = s.seqlen_k - s.seqlen_q;  // query i sees keys j <= i + diag (causal)
   const int m_end = (s.seqlen_q + kBlockM - 1) / kBlockM;
   const int m_begin = kIsCausal ? max(0, col0 - diag) / kBlockM : 0;
+  // Block-sparse: only the query tiles of kept mask blocks are visited, walking the block's mask
+  // column staged in shared memory (all of them when dense).
   const MaskLine<kBlockM> mask = mask_col<kBlockM>(p, b, h, col0);
-  const int m_first = mask.next(m_begin, m_end);
+  const bool sparse = mask.flags != nullptr;
+  if (sparse) {
+    stage_mask_line<kBlockM, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask), mask,
+                                       (s.seqlen_q + kMaskBlock - 1) / kMaskBlock, tid);
+    __syncthreads();
+  }
+  auto next_tile = [&](int t) { return sparse ? next_kept_smem<kBlockM>(base + Tr::kOffMask, t, m_end) : min(t, m_end); };
+  const int m_first = next_tile(m_begin);
 
   const T* q_ptr = static_cast<const T*>(p.q) + s.tok(b, s.q_start, p.q_batch_stride, p.q_row_stride, h, p.q_head_stride);
   const T* do_ptr =
@@ -133,7 +143,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(co
   int stage = 0;
   for (int m_block = m_first; m_block < m_end; stage ^= 1) {
     const int row0 = m_block * kBlockM;
-    const int m_next = mask.next(m_block + 1, m_end);
+    const int m_next = next_tile(m_block + 1);
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // this tile's Q / dO / stats are in; the previous iteration's reads are done
@@ -308,9 +318,11 @@ bool launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
   auto kernel = flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal>;
   static const bool available = has_sm90_code(kernel);
   if (!available) return false;
-  bwd::set_smem(kernel, Tr::kSmemBytes);
+  const int mask_bytes = p.block_mask != nullptr ? ((p.seqlen_q + kMaskBlock - 1) / kMaskBlock + 15) / 16 * 16 : 0;
+  const int smem = Tr::kSmemBytes + mask_bytes;
+  bwd::set_smem(kernel, smem);
   const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.num_heads_q);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
   return true;
 }
 

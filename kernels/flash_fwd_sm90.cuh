@@ -28,7 +28,8 @@ struct FwdTraits {
   // Byte offsets from the 1024-aligned base: Q, then [2 stages] x (K, V).
   static constexpr int kOffKV = QTile::kBytes;
   static constexpr int kStageBytes = 2 * KTile::kBytes;
-  static constexpr int kSmemBytes = kOffKV + 2 * kStageBytes + 1024;  // + alignment slack
+  static constexpr int kOffMask = kOffKV + 2 * kStageBytes;  // block-sparse: the mask row
+  static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask row's bytes)
 };
 
 template <typename Tr, bool kIsCausal, bool kSparse>
@@ -78,8 +79,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const F
     const int last_key = min(row0 + kBlockM, seqlen_q) + diag;  // one past the last visible key
     n_block_max = min(n_block_max, last_key <= 0 ? 0 : (last_key + kBlockN - 1) / kBlockN);
   }
-  const MaskLine<kBlockN> mask = kSparse ? mask_row<kBlockN>(p, b, h, row0) : MaskLine<kBlockN>{nullptr, 0};
-  const int n_first = mask.prev(n_block_max);
+  // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited, walking the block's
+  // mask row staged in shared memory.
+  if constexpr (kSparse) {
+    stage_mask_line<kBlockN, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask), mask_row<kBlockN>(p, b, h, row0),
+                                       n_block_max, tid);
+    __syncthreads();
+  }
+  auto prev_tile = [&](int t) { return kSparse ? prev_kept_smem<kBlockN>(base + Tr::kOffMask, t) : t - 1; };
+  const int n_first = prev_tile(n_block_max);
 
   TileLoader<QTile, kThreads> q_loader(tid);
   TileLoader<KTile, kThreads> kv_loader(tid);
@@ -108,7 +116,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const F
 
   int stage = 0;
   for (int n_block = n_first; n_block >= 0; stage ^= 1) {
-    const int n_next = mask.prev(n_block);
+    const int n_next = prev_tile(n_block);
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // tile n_block is in; every warpgroup is done with the other stage
@@ -226,10 +234,10 @@ bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   auto kernel = flash_fwd_sm90_kernel<Tr, kIsCausal, kSparse>;
   static const bool available = has_sm90_code(kernel);
   if (!available) return false;
-  if (Tr::kSmemBytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  const int smem = Tr::kSmemBytes + (kSparse ? (p.block_mask_cols + 15) / 16 * 16 : 0);  // + the mask row
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.num_heads_q, p.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
   return true;
 }
 
