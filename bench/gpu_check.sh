@@ -108,6 +108,7 @@ if [ $TESTS = 1 ]; then
   tests=tests/ops/test_flash_gpu.py
   [ -f tests/ops/test_flash_bwd_gpu.py ] && tests="$tests tests/ops/test_flash_bwd_gpu.py"
   [ -f tests/ops/test_blocksparse_gpu.py ] && tests="$tests tests/ops/test_blocksparse_gpu.py"
+  [ -f tests/ops/test_cross_entropy.py ] && tests="$tests tests/ops/test_cross_entropy.py"
   timeout 400 python3 -m pytest -q -p no:cacheprovider $tests $PYTEST_ARGS > "$OUT/pytest.log" 2>&1
   tail -40 "$OUT/pytest.log" | tee -a "$LOG"
   SUMMARY+=("tests: $(tail -1 "$OUT/pytest.log")")

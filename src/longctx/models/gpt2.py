@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longctx.models.layers import Block
+from longctx.ops.cross_entropy import cross_entropy
 
 
 @dataclass
@@ -89,4 +90,4 @@ class GPT2(nn.Module):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy in fp32; targets (batch, seqlen)."""
         logits = self(idx)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+        return cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)

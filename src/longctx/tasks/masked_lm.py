@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from longctx.models import build_model
+from longctx.ops.cross_entropy import cross_entropy
 from longctx.tasks.base import Task
 
 
@@ -28,7 +28,7 @@ def mlm_loss_sums(model: torch.nn.Module,
     labeled = batch["labels"] != -100  # (batch, seqlen)
     targets = batch["labels"][labeled]  # (M,)
     logits = model.mlm_logits(hidden[labeled])  # (M, vocab)
-    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+    loss_sum = cross_entropy(logits, targets, reduction="sum")
     correct = (logits.argmax(-1) == targets).sum()
     return loss_sum, correct, targets.numel()
 

@@ -13,8 +13,14 @@ its value (10 classes). LRA's recipe, followed here:
 Tokens: ``[MIN [MAX [MED [SM`` open an operator, ``]`` closes it, ``0``-``9`` are values, e.g.
 ``[MAX 2 9 [MIN 4 7 ] 0 ]`` -> 9. LRA's TSV files also hold parentheses around every binary
 sub-tree, which carry no information and which its length count ignores, so they are not
-emitted. (LRA's tfds tokenizer dropped every non-alphanumeric character, ``]`` included, which
-makes the nesting ambiguous; like later reproductions we keep ``]`` as a token.)
+emitted. (LRA's first tfds tokenizer dropped every non-alphanumeric character, ``]`` included, which
+makes the nesting ambiguous; its input pipeline later (commit c209b2a) mapped ``]`` to ``X`` and dropped
+the parentheses, which is the encoding used here.)
+
+The distribution matches LRA's script (checked against a re-implementation on 20k examples: labels,
+lengths, depth and arity agree within sampling noise). Note that the root operator alone predicts
+the label about 36% of the time (MIN -> 0, MAX -> 9, MED -> 4, SM -> 6), about the published
+Transformer accuracies; on a 2000-example test split that rule varies by about +-1 point.
 
 Generation is seeded (``gen_seed``) and independent of the number of processes: examples are
 made in fixed chunks, chunk c from its own RNG seeded by (gen_seed, c), and kept in chunk order.
