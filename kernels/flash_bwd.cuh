@@ -34,32 +34,10 @@
 #include "flash.h"
 #include "mma.cuh"
 #include "philox.cuh"
+#include "seq_info.cuh"
 
 namespace longctx {
 namespace bwd {
-
-// Row offsets and lengths of sequence b (padded batch or packed varlen).
-struct SeqInfo {
-  int q_start, k_start;  // first row of the sequence in the varlen token tensors (0 when padded)
-  int seqlen_q, seqlen_k;
-  bool varlen;
-  __device__ __forceinline__ SeqInfo(const FlashBwdParams& p, int b) {
-    varlen = p.cu_seqlens_q != nullptr;
-    q_start = varlen ? p.cu_seqlens_q[b] : 0;
-    k_start = varlen ? p.cu_seqlens_k[b] : 0;
-    seqlen_q = varlen ? p.cu_seqlens_q[b + 1] - q_start : p.seqlen_q;
-    seqlen_k = varlen ? p.cu_seqlens_k[b + 1] - k_start : p.seqlen_k;
-  }
-  // Element offset of row 0 of head h of sequence b in a token tensor.
-  __device__ __forceinline__ int64_t tok(int b, int start, int64_t batch_stride, int64_t row_stride, int h,
-                                         int64_t head_stride) const {
-    return (varlen ? start * row_stride : b * batch_stride) + h * head_stride;
-  }
-  // Row of (b, i = 0) in dq_accum (rows, Hq, D).
-  __device__ __forceinline__ int64_t dq_accum_row(int b, int max_seqlen_q) const {
-    return varlen ? q_start : static_cast<int64_t>(b) * max_seqlen_q;
-  }
-};
 
 // Returns x, hiding its value from the optimiser: addresses derived from it inside a loop are
 // recomputed there (one XOR or add per use) instead of being hoisted into dozens of registers.

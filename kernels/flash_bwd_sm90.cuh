@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(co
 
   const int n_block = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x;
-  const bwd::SeqInfo s(p, b);
+  const SeqInfo s(p, b);
   const int col0 = n_block * kBlockN;
   if (col0 >= s.seqlen_k) return;
   const int hk = h / (p.num_heads_q / p.num_heads_k);

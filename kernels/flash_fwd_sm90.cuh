@@ -12,6 +12,7 @@
 // Included by flash_fwd.cuh (after TileLoader, before run_flash_fwd_hdim), not on its own.
 #pragma once
 
+#include "seq_info.cuh"
 #include "wgmma.cuh"
 
 namespace longctx {
@@ -53,25 +54,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const F
   const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x;
 
-  int q_start = 0, seqlen_q = p.seqlen_q, k_start = 0, seqlen_k = p.seqlen_k;
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  if (varlen) {
-    q_start = p.cu_seqlens_q[b];
-    seqlen_q = p.cu_seqlens_q[b + 1] - q_start;
-    k_start = p.cu_seqlens_k[b];
-    seqlen_k = p.cu_seqlens_k[b + 1] - k_start;
-  }
+  const SeqInfo s(p, b);
+  const int seqlen_q = s.seqlen_q, seqlen_k = s.seqlen_k;
   const int row0 = m_block * kBlockM;
   if (row0 >= seqlen_q) return;
   const int hk = h / (p.num_heads_q / p.num_heads_k);
-  const T* q_ptr = static_cast<const T*>(p.q) + (varlen ? q_start * p.q_row_stride : b * p.q_batch_stride) +
-                   h * p.q_head_stride;
+  const T* q_ptr = static_cast<const T*>(p.q) + s.tok(b, s.q_start, p.q_batch_stride, p.q_row_stride, h, p.q_head_stride);
   // K and V have identical strides (the binding guarantees it).
-  const int64_t kv_off = (varlen ? k_start * p.k_row_stride : b * p.k_batch_stride) + hk * p.k_head_stride;
+  const int64_t kv_off = s.tok(b, s.k_start, p.k_batch_stride, p.k_row_stride, hk, p.k_head_stride);
   const T* k_ptr = static_cast<const T*>(p.k) + kv_off;
   const T* v_ptr = static_cast<const T*>(p.v) + kv_off;
-  T* o_ptr = static_cast<T*>(p.o) + (varlen ? q_start * p.o_row_stride : b * p.o_batch_stride) + h * p.o_head_stride;
-  float* lse_ptr = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + q_start;
+  T* o_ptr = static_cast<T*>(p.o) + s.tok(b, s.q_start, p.o_batch_stride, p.o_row_stride, h, p.o_head_stride);
+  float* lse_ptr = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
 
   const int diag = seqlen_k - seqlen_q;  // query i sees keys j <= i + diag (causal)
   int n_block_max = (seqlen_k + kBlockN - 1) / kBlockN;
