@@ -15,25 +15,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from training import IMPLS, MODELS, VOCAB, build, loss_fn  # noqa: E402
+from training import IMPLS, MODELS, training_step  # noqa: E402
 
 
 def profile_impl(impl: str, model: str, seqlen: int, tokens: int, steps: int, rows: int) -> str:
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    net = build(impl, model, seqlen, device)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
-    batch = max(1, tokens // seqlen)
-    x = torch.randint(0, VOCAB, (batch, seqlen + 1), device=device)
-    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(impl, net, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step, batch = training_step(impl, model, seqlen, tokens, torch.device("cuda"))
     for _ in range(3):
         step()
     torch.cuda.synchronize()

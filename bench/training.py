@@ -30,6 +30,7 @@ import gc
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,10 @@ def loss_fn(impl: str, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def measure(impl: str, model: str, seqlen: int, tokens: int, warmup: int, steps: int,
-            device: torch.device) -> dict[str, Any]:
-    """Train ``warmup + steps`` steps; tokens/s over the timed ones and the peak memory."""
+def training_step(impl: str, model: str, seqlen: int, tokens: int,
+                  device: torch.device) -> tuple[Callable[[], None], int]:
+    """(one optimiser step of ``impl`` on a fixed random batch of ``tokens // seqlen`` sequences, that
+    batch size): the model, fused AdamW and bf16 autocast on CUDA, as every row of the benchmark."""
     torch.manual_seed(0)
     net = build(impl, model, seqlen, device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -106,6 +108,13 @@ def measure(impl: str, model: str, seqlen: int, tokens: int, warmup: int, steps:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, batch
+
+
+def measure(impl: str, model: str, seqlen: int, tokens: int, warmup: int, steps: int,
+            device: torch.device) -> dict[str, Any]:
+    """Train ``warmup + steps`` steps; tokens/s over the timed ones and the peak memory."""
+    step, batch = training_step(impl, model, seqlen, tokens, device)
     return {"tokens_per_s": batch * seqlen / seconds_per_step(step, warmup, steps, device), "batch": batch}
 
 
