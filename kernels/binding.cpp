@@ -112,6 +112,8 @@ void fill_fwd_params(longctx::FlashFwdParams& p, const Tensor& q, const Tensor& 
   p.head_dim = static_cast<int>(q.size(-1));
   p.seqlen_q = static_cast<int>(varlen ? max_q : q.size(1));
   p.seqlen_k = static_cast<int>(varlen ? max_k : k.size(1));
+  p.rows_q = q.size(r);
+  p.rows_k = k.size(r);
   p.cu_seqlens_q = varlen ? cu_q->data_ptr<int>() : nullptr;
   p.cu_seqlens_k = varlen ? cu_k->data_ptr<int>() : nullptr;
   p.softmax_scale = static_cast<float>(scale);

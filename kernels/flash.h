@@ -33,6 +33,7 @@ struct FlashFwdParams {
   int num_heads_q, num_heads_k;  // num_heads_q % num_heads_k == 0 (MQA / GQA)
   int head_dim;                  // actual head dim (<= the compiled instance's)
   int seqlen_q, seqlen_k;        // padded batch: the lengths; varlen: max_seqlen_q / max_seqlen_k
+  int64_t rows_q, rows_k;        // rows of the token tensors: seqlen (padded) or total tokens (varlen)
 
   // Packed variable-length batches: int32 prefix sums of length batch + 1, or nullptr.
   const int* __restrict__ cu_seqlens_q;

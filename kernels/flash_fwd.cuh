@@ -599,10 +599,8 @@ void run_flash_fwd_hdim(const FlashFwdParams& p, cudaStream_t stream) {
   using WithDropout = FwdConfig<kHeadDim, true, T>;
   using NoDropout = FwdConfig<kHeadDim, false, T>;
   const bool dropout = p.p_dropout > 0.f;
-  // Hopper path (flash_fwd_sm90.cuh) for head dim 128 without dropout, when enabled and built. At
-  // head dim 64 it is still slower than the stage-1 kernel (258-302 vs 320-353 TFLOP/s, H100,
-  // kernels/NOTES_sm90.md), so 64 stays there for now.
-  if constexpr (kHeadDim == 128) {
+  // Hopper path (flash_fwd_sm90.cuh) for head dims 64 and 128 without dropout, when enabled and built.
+  if constexpr (kHeadDim == 64 || kHeadDim == 128) {
     if (p.use_sm90 && !dropout) {
       const bool sparse = p.block_mask != nullptr;
       bool launched;

@@ -1,18 +1,25 @@
-// FlashAttention forward, Hopper path (sm_90a): warpgroup MMA (wgmma) instead of mma.sync.
+// FlashAttention forward, Hopper path (sm_90a): TMA + mbarriers + warp-specialised wgmma.
 //
 // Same mathematics and outputs as flash_fwd_kernel (flash_fwd.cuh). One thread block per
-// (kBlockM = 128 query rows, head, batch), 2 warpgroups of 64 rows each; the block walks the key
-// tiles (kBlockN = 128) from the last visible one down, like the stage-1 kernel:
-//   S  = Q_g K^T          wgmma m64n128, A = Q (smem, K-major), B = K (K-major)
-//   online softmax in registers (base 2, one row pair per thread quad)
-//   O += P V              wgmma m64nD,   A = P (registers),     B = V (MN-major)
-// K / V tiles are double-buffered with cp.async: tile n-1 streams in while tile n is computed,
-// with one barrier per tile. Dropout stays on the stage-1 kernel.
+// (kBlockM = 128 query rows, head, batch) and three warpgroups:
+//   producer   (warpgroup 0, 24 registers): one thread issues the TMA loads of the Q tile and of the
+//              K / V tiles into kStages-deep shared-memory rings; "full" mbarriers count the bytes
+//              in, "empty" mbarriers count the consumer warps done with a slot;
+//   consumers  (warpgroups 1, 2, 240 registers): 64 query rows each, walking the key tiles
+//              (kBlockN = 128) from the last visible one down, like the stage-1 kernel.
+// Iteration i of a consumer issues, in one "GEMM turn",
+//   S(i)       = Q_c K(i)^T     wgmma m64n128, A = Q (smem, K-major), B = K (K-major)
+//   O         += P(i-1) V(i-1)  wgmma m64nD,   A = P (registers),     B = V (MN-major)
+// then waits for both and runs the online softmax of S(i) (P(i), rescale of O) on the CUDA cores.
+// The two consumers take GEMM turns in strict alternation (named barriers 1 and 2, "ping-pong"), so
+// one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores; no block-wide
+// barrier sits in the loop. Dropout stays on the stage-1 kernel.
 //
 // Included by flash_fwd.cuh (after TileLoader, before run_flash_fwd_hdim), not on its own.
 #pragma once
 
 #include "seq_info.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace longctx {
@@ -23,31 +30,45 @@ struct FwdTraits {
   using T = T_;
   static constexpr int D = kHeadDim_;
   static_assert(D == 64 || D == 128, "the Hopper forward covers head dims 64 and 128");
-  static constexpr int kBlockM = 128, kBlockN = 128, kThreads = 256;
+  static constexpr int kConsumers = 2;  // consumer warpgroups, 64 query rows each
+  static constexpr int kBlockM = 64 * kConsumers, kBlockN = 128;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kStages = D == 64 ? 4 : 2;  // K / V ring depth
+  // setmaxnreg: 24 + 2 x 240 = 504 = 3 x 168, the launch allocation of 384 threads.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   using QTile = SwizzledTile<kBlockM, D>;
   using KTile = SwizzledTile<kBlockN, D>;
-  // Byte offsets from the 1024-aligned base: Q, then [2 stages] x (K, V).
-  static constexpr int kOffKV = QTile::kBytes;
-  static constexpr int kStageBytes = 2 * KTile::kBytes;
-  static constexpr int kOffMask = kOffKV + 2 * kStageBytes;  // block-sparse: the mask row
+  // Byte offsets from the 1024-aligned base: Q, K ring, V ring, mbarriers, the block-sparse mask row.
+  static constexpr int kOffK = QTile::kBytes;
+  static constexpr int kOffV = kOffK + kStages * KTile::kBytes;
+  static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;  // Q, then full K, full V, empty K, empty V
+  static constexpr int kOffMask = kOffBar + 8 * (1 + 4 * kStages);
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask row's bytes)
 };
 
 template <typename Tr, bool kIsCausal, bool kSparse>
-__global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const FlashFwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    flash_fwd_sm90_kernel(const FlashFwdParams p, const __grid_constant__ QkvMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   using QTile = typename Tr::QTile;
   using KTile = typename Tr::KTile;
   constexpr int D = Tr::D, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
+  constexpr int kStages = Tr::kStages, kConsumers = Tr::kConsumers;
   constexpr int kDSteps = D / 16, kNSteps = kBlockN / 16;
-  using WgS = Wgmma<kBlockN, T>;  // S: 64 rows x 128 keys
-  using WgO = Wgmma<D, T>;        // O: 64 rows x D
+  constexpr int kTurnThreads = 2 * 128;  // a turn barrier: the waiting warpgroup + the one handing over
+  using WgS = Wgmma<kBlockN, T>;         // S: 64 rows x 128 keys
+  using WgO = Wgmma<D, T>;               // O: 64 rows x D
 
   extern __shared__ char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   char* const smem = smem_raw + (base - smem_u32(smem_raw));
-  const uint32_t sQ = base, sKV0 = base + Tr::kOffKV;
+  const uint32_t sQ = base, sK0 = base + Tr::kOffK, sV0 = base + Tr::kOffV, bars = base + Tr::kOffBar;
+  const uint32_t bar_q = bars;
+  auto full_k = [&](int st) { return bars + 8 * (1 + st); };
+  auto full_v = [&](int st) { return bars + 8 * (1 + kStages + st); };
+  auto empty_k = [&](int st) { return bars + 8 * (1 + 2 * kStages + st); };
+  auto empty_v = [&](int st) { return bars + 8 * (1 + 3 * kStages + st); };
 
   // Heaviest (causal) query tiles first so the tail of the grid is short.
   const int m_block = gridDim.x - 1 - blockIdx.x;
@@ -59,13 +80,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const F
   const int row0 = m_block * kBlockM;
   if (row0 >= seqlen_q) return;
   const int hk = h / (p.num_heads_q / p.num_heads_k);
-  const T* q_ptr = static_cast<const T*>(p.q) + s.tok(b, s.q_start, p.q_batch_stride, p.q_row_stride, h, p.q_head_stride);
-  // K and V have identical strides (the binding guarantees it).
-  const int64_t kv_off = s.tok(b, s.k_start, p.k_batch_stride, p.k_row_stride, hk, p.k_head_stride);
-  const T* k_ptr = static_cast<const T*>(p.k) + kv_off;
-  const T* v_ptr = static_cast<const T*>(p.v) + kv_off;
-  T* o_ptr = static_cast<T*>(p.o) + s.tok(b, s.q_start, p.o_batch_stride, p.o_row_stride, h, p.o_head_stride);
-  float* lse_ptr = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
 
   const int diag = seqlen_k - seqlen_q;  // query i sees keys j <= i + diag (causal)
   int n_block_max = (seqlen_k + kBlockN - 1) / kBlockN;
@@ -73,62 +87,100 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const F
     const int last_key = min(row0 + kBlockM, seqlen_q) + diag;  // one past the last visible key
     n_block_max = min(n_block_max, last_key <= 0 ? 0 : (last_key + kBlockN - 1) / kBlockN);
   }
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(full_k(st), 1);
+      mbar_init(full_v(st), 1);
+      mbar_init(empty_k(st), 4 * kConsumers);  // lane 0 of every consumer warp
+      mbar_init(empty_v(st), 4 * kConsumers);
+    }
+    mbar_init_fence();
+  }
   // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited, walking the block's
-  // mask row staged in shared memory.
-  if constexpr (kSparse) {
+  // mask row staged in shared memory (producer and consumers walk the same list).
+  if constexpr (kSparse)
     stage_mask_line<kBlockN, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask), mask_row<kBlockN>(p, b, h, row0),
                                        n_block_max, tid);
-    __syncthreads();
-  }
+  __syncthreads();
   auto prev_tile = [&](int t) { return kSparse ? prev_kept_smem<kBlockN>(base + Tr::kOffMask, t) : t - 1; };
   const int n_first = prev_tile(n_block_max);
+  const int wg = tid / 128;
 
-  TileLoader<QTile, kThreads> q_loader(tid);
-  TileLoader<KTile, kThreads> kv_loader(tid);
-  const int64_t q_lane = q_loader.lane_offset(tid, p.q_row_stride);
-  const int64_t kv_lane = kv_loader.lane_offset(tid, p.k_row_stride);
-  auto load_kv = [&](int n_block, int stage) {
-    const uint32_t sK = sKV0 + stage * Tr::kStageBytes;
-    kv_loader.load(sK, k_ptr + kv_lane, k_ptr, p.k_row_stride, n_block * kBlockN, seqlen_k);
-    kv_loader.load(sK + KTile::kBytes, v_ptr + kv_lane, v_ptr, p.k_row_stride, n_block * kBlockN, seqlen_k);
-  };
-  if (n_first >= 0) {
-    q_loader.load(sQ, q_ptr + q_lane, q_ptr, p.q_row_stride, row0, seqlen_q);
-    load_kv(n_first, 0);
+  if (wg == 0) {  // producer
+    regs_dec<Tr::kProducerRegs>();
+    if (tid == 0 && n_first >= 0) {
+      // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
+      const int tb = s.varlen ? 0 : b, q_row = (s.varlen ? s.q_start : 0) + row0, k_row = s.varlen ? s.k_start : 0;
+      mbar_arrive_expect_tx(bar_q, QTile::kBytes);
+      tma_load_tile<QTile>(sQ, &maps.q, bar_q, q_row, h, tb);
+      int i = 0;
+      for (int n = n_first; n >= 0; n = prev_tile(n), ++i) {
+        const int st = i % kStages;
+        const uint32_t free_parity = ((i / kStages) & 1) ^ 1;  // round 0 finds every slot free
+        mbar_wait(empty_k(st), free_parity);
+        mbar_arrive_expect_tx(full_k(st), KTile::kBytes);
+        tma_load_tile<KTile>(sK0 + st * KTile::kBytes, &maps.k, full_k(st), k_row + n * kBlockN, hk, tb);
+        mbar_wait(empty_v(st), free_parity);
+        mbar_arrive_expect_tx(full_v(st), KTile::kBytes);
+        tma_load_tile<KTile>(sV0 + st * KTile::kBytes, &maps.v, full_v(st), k_row + n * kBlockN, hk, tb);
+      }
+    }
+    return;
   }
-  cp_async_commit();
+  regs_inc<Tr::kConsumerRegs>();
 
-  // Thread coordinates in the warpgroup's m64 accumulators (wgmma.cuh): rows 16 warp + g (+8).
-  const int wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int row_in_tile = 64 * wg + 16 * warp + g;  // this thread's first row (the second is +8)
+  // Consumer c: rows 64 c .. 64 c + 63 of the tile. Thread coordinates in the warpgroup's m64
+  // accumulators (wgmma.cuh): rows 16 warp + g (+8).
+  const int c = wg - 1, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int row_in_tile = 64 * c + 16 * warp + g;  // this thread's first row (the second is +8)
+  const int my_turn = 1 + c, next_turn = 1 + (c + 1) % kConsumers;  // named barrier ids
   const float scale_log2 = p.softmax_scale_log2;
 
   float acc_o[WgO::kRegs];
 #pragma unroll
   for (int i = 0; i < WgO::kRegs; ++i) acc_o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in log2 units
+  uint32_t p_a[kNSteps][4];  // P(i-1) as the A operand of the next turn's P V
 
-  int stage = 0;
-  for (int n_block = n_first; n_block >= 0; stage ^= 1) {
+  if (n_first >= 0) {
+    mbar_wait(bar_q, 0);
+    if (c == kConsumers - 1) named_arrive(1, kTurnThreads);  // consumer 0 takes the first turn
+  }
+  int i = 0;
+  for (int n_block = n_first; n_block >= 0; ++i) {
     const int n_next = prev_tile(n_block);
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();  // tile n_block is in; every warpgroup is done with the other stage
-    if (n_next >= 0) load_kv(n_next, stage ^ 1);
-    cp_async_commit();
+    const int st = i % kStages, st_prev = (i + kStages - 1) % kStages;
+    mbar_wait(full_k(st), (i / kStages) & 1);
+    if (i > 0) mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
 
-    const uint32_t sK = sKV0 + stage * Tr::kStageBytes, sV = sK + KTile::kBytes;
+    named_sync(my_turn, kTurnThreads);
     float acc_s[WgS::kRegs];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDSteps; ++kk) {
-      const uint32_t a_off = (kk / 4) * QTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
+      const uint32_t a_off = (kk / 4) * QTile::kBlockBytes + 64 * c * 128 + (kk % 4) * 32;
       const uint32_t b_off = (kk / 4) * KTile::kBlockBytes + (kk % 4) * 32;
-      WgS::template ss<0, 0>(acc_s, smem_desc(sQ + a_off, 16, 1024), smem_desc(sK + b_off, 16, 1024), kk);
+      WgS::template ss<0, 0>(acc_s, smem_desc(sQ + a_off, 16, 1024),
+                             smem_desc(sK0 + st * KTile::kBytes + b_off, 16, 1024), kk);
     }
     wgmma_commit();
+    if (i > 0) {  // O += P(i-1) V(i-1) (B = V, MN-major: a k16 step is 16 key rows)
+      const uint32_t sV = sV0 + st_prev * KTile::kBytes;
+#pragma unroll
+      for (int kk = 0; kk < kNSteps; ++kk)
+        WgO::template rs<1>(acc_o, p_a[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
+      wgmma_commit();
+    }
+    named_arrive(next_turn, kTurnThreads);
     wgmma_wait<0>();
     fence_operand(acc_s);
+    fence_operand(acc_o);
+    if (lane == 0) {
+      mbar_arrive(empty_k(st));
+      if (i > 0) mbar_arrive(empty_v(st_prev));
+    }
 
     // Scores in log2 units; hidden keys (past the end, causal) at -inf.
     const int col0 = n_block * kBlockN;
@@ -137,14 +189,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const F
     for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float s = acc_s[4 * j + e] * scale_log2;
+        float sv = acc_s[4 * j + e] * scale_log2;
         if (need_mask) {
           const int key = col0 + 8 * j + 2 * t4 + (e % 2), row = row0 + row_in_tile + 8 * (e / 2);
-          if (key >= seqlen_k || (kIsCausal && key > row + diag)) s = -INFINITY;
+          if (key >= seqlen_k || (kIsCausal && key > row + diag)) sv = -INFINITY;
         }
-        acc_s[4 * j + e] = s;
+        acc_s[4 * j + e] = sv;
       }
-    // Online softmax: new row max, rescale O and the running sum, P = exp2(s - max).
+    // Online softmax: new row max, rescale O (which now holds every tile before this one) and the
+    // running sum, P = exp2(s - max).
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       float mx = row_max[hh];
@@ -170,7 +223,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const F
         acc_o[4 * j + 2 * hh + 1] *= corr;
       }
     }
-    uint32_t p_a[kNSteps][4];
 #pragma unroll
     for (int kk = 0; kk < kNSteps; ++kk) {
       p_a[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
@@ -178,20 +230,28 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const F
       p_a[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
       p_a[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
     }
-    // O += P V (B = V, MN-major: a k16 step is 16 key rows).
+    n_block = n_next;
+  }
+  if (i > 0) {  // the last tile's P V, in a turn of its own
+    const int st_prev = (i - 1) % kStages;
+    mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
+    named_sync(my_turn, kTurnThreads);
+    const uint32_t sV = sV0 + st_prev * KTile::kBytes;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kNSteps; ++kk)
       WgO::template rs<1>(acc_o, p_a[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
     wgmma_commit();
+    // The last consumer's hand-over would have no taker: every turn barrier is left balanced.
+    if (c != kConsumers - 1) named_arrive(next_turn, kTurnThreads);
     wgmma_wait<0>();
     fence_operand(acc_o);
-    n_block = n_next;
   }
 
-  // Epilogue: normalise, write LSE, stage O through shared memory (the Q tile) for 16-byte stores.
-  cp_async_wait<0>();
-  __syncthreads();  // every warpgroup is done reading sQ
+  // Epilogue: normalise, write LSE, stage O through this consumer's rows of the Q tile (no other
+  // warpgroup reads them) for 16-byte stores.
+  T* o_ptr = static_cast<T*>(p.o) + s.tok(b, s.q_start, p.o_batch_stride, p.o_row_stride, h, p.o_head_stride);
+  float* lse_ptr = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
   T* const sO = reinterpret_cast<T*>(smem);
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
@@ -208,30 +268,41 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_fwd_sm90_kernel(const F
           pack_float2<T>(acc_o[4 * j + 2 * hh] * inv, acc_o[4 * j + 2 * hh + 1] * inv);
     }
   }
-  __syncthreads();
-  constexpr int kTotal = QTile::kElems / 8;
+  named_sync(1 + kConsumers + c, 128);  // this warpgroup's rows are staged
+  constexpr int kChunks = D / 8;        // 16-byte chunks per row
 #pragma unroll
-  for (int it = 0; it < kTotal / kThreads; ++it) {
-    int r, c;
-    QTile::copy_coords(it * kThreads + tid, r, c);
+  for (int it = 0; it < 64 * kChunks / 128; ++it) {
+    const int idx = it * 128 + tid % 128;
+    const int r = 64 * c + idx / kChunks, col = 8 * (idx % kChunks);
     if (row0 + r < seqlen_q)
-      *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(row0 + r) * p.o_row_stride + c) =
-          *reinterpret_cast<const uint4*>(sO + QTile::offset(r, c));
+      *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(row0 + r) * p.o_row_stride + col) =
+          *reinterpret_cast<const uint4*>(sO + QTile::offset(r, col));
   }
 #endif
 }
 
-// Launches the Hopper forward; returns false, launching nothing, when this build has no sm_90a code.
+// Launches the Hopper forward; returns false, launching nothing, when this build has no sm_90a code
+// or TMA cannot address the tensors (16-byte alignment); the caller then runs the stage-1 kernel.
 template <int D, typename T, bool kIsCausal, bool kSparse>
 bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<D, T>;
   auto kernel = flash_fwd_sm90_kernel<Tr, kIsCausal, kSparse>;
   static const bool available = has_sm90_code(kernel);
   if (!available) return false;
+  QkvMaps maps;
+  const bool bf16 = TypeTraits<T>::kIsBf16;
+  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;  // packed varlen: one "batch" of total rows
+  if (!make_token_map(&maps.q, p.q, bf16, D, p.rows_q, p.num_heads_q, batch, p.q_row_stride, p.q_head_stride,
+                      p.q_batch_stride, Tr::kBlockM) ||
+      !make_token_map(&maps.k, p.k, bf16, D, p.rows_k, p.num_heads_k, batch, p.k_row_stride, p.k_head_stride,
+                      p.k_batch_stride, Tr::kBlockN) ||
+      !make_token_map(&maps.v, p.v, bf16, D, p.rows_k, p.num_heads_k, batch, p.v_row_stride, p.v_head_stride,
+                      p.v_batch_stride, Tr::kBlockN))
+    return false;
   const int smem = Tr::kSmemBytes + (kSparse ? (p.block_mask_cols + 15) / 16 * 16 : 0);  // + the mask row
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.num_heads_q, p.batch);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, maps);
   return true;
 }
 
