@@ -144,20 +144,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in log2 units
   uint32_t p_a[kNSteps][4];  // P(i-1) as the A operand of the next turn's P V
 
-  if (n_first >= 0) {
-    mbar_wait(bar_q, 0);
-    if (c == kConsumers - 1) named_arrive(1, kTurnThreads);  // consumer 0 takes the first turn
-  }
-  int i = 0;
-  for (int n_block = n_first; n_block >= 0; ++i) {
-    const int n_next = prev_tile(n_block);
-    const int st = i % kStages, st_prev = (i + kStages - 1) % kStages;
-    mbar_wait(full_k(st), (i / kStages) & 1);
-    if (i > 0) mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
-
-    named_sync(my_turn, kTurnThreads);
-    float acc_s[WgS::kRegs];
-    wgmma_fence();
+  auto issue_s = [&](float (&acc_s)[WgS::kRegs], int st) {  // S = Q_c K^T
 #pragma unroll
     for (int kk = 0; kk < kDSteps; ++kk) {
       const uint32_t a_off = (kk / 4) * QTile::kBlockBytes + 64 * c * 128 + (kk % 4) * 32;
@@ -166,38 +153,35 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                              smem_desc(sK0 + st * KTile::kBytes + b_off, 16, 1024), kk);
     }
     wgmma_commit();
-    if (i > 0) {  // O += P(i-1) V(i-1) (B = V, MN-major: a k16 step is 16 key rows)
-      const uint32_t sV = sV0 + st_prev * KTile::kBytes;
+  };
+  auto issue_pv = [&](int st) {  // O += P V (B = V, MN-major: a k16 step is 16 key rows)
+    const uint32_t sV = sV0 + st * KTile::kBytes;
 #pragma unroll
-      for (int kk = 0; kk < kNSteps; ++kk)
-        WgO::template rs<1>(acc_o, p_a[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
-      wgmma_commit();
-    }
-    named_arrive(next_turn, kTurnThreads);
-    wgmma_wait<0>();
-    fence_operand(acc_s);
-    fence_operand(acc_o);
-    if (lane == 0) {
-      mbar_arrive(empty_k(st));
-      if (i > 0) mbar_arrive(empty_v(st_prev));
-    }
-
-    // Scores in log2 units; hidden keys (past the end, causal) at -inf.
+    for (int kk = 0; kk < kNSteps; ++kk)
+      WgO::template rs<1>(acc_o, p_a[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
+    wgmma_commit();
+  };
+  // Scores of key tile n_block in log2 units, hidden keys (past the end, causal) at -inf, then the
+  // online softmax: new row max, P = exp2(s - max) in place, running sum; corr = the factor for O.
+  // Branch-free (a select against each row's key limit): control flow here would make ptxas wait
+  // for the P V in flight first.
+  auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2]) {
     const int col0 = n_block * kBlockN;
     const bool need_mask = col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
+    int key_limit[2];  // visible: 8 j + (e % 2) < key_limit (keys relative to col0 + 2 t4)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = row0 + row_in_tile + 8 * hh;
+      const int limit = kIsCausal ? min(seqlen_k, row + diag + 1) : seqlen_k;
+      key_limit[hh] = need_mask ? limit - col0 - 2 * t4 : kBlockN;
+    }
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float sv = acc_s[4 * j + e] * scale_log2;
-        if (need_mask) {
-          const int key = col0 + 8 * j + 2 * t4 + (e % 2), row = row0 + row_in_tile + 8 * (e / 2);
-          if (key >= seqlen_k || (kIsCausal && key > row + diag)) sv = -INFINITY;
-        }
-        acc_s[4 * j + e] = sv;
+        const float sv = acc_s[4 * j + e] * scale_log2;
+        acc_s[4 * j + e] = 8 * j + (e % 2) < key_limit[e / 2] ? sv : -INFINITY;
       }
-    // Online softmax: new row max, rescale O (which now holds every tile before this one) and the
-    // running sum, P = exp2(s - max).
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       float mx = row_max[hh];
@@ -205,7 +189,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * hh], acc_s[4 * j + 2 * hh + 1]));
       mx = quad_max(mx);
       const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
-      const float corr = fast_exp2(row_max[hh] - ref);  // exp2(-inf) = 0 on the first tile
+      corr[hh] = fast_exp2(row_max[hh] - ref);       // exp2(-inf) = 0 on the first tile
       row_max[hh] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -216,13 +200,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           acc_s[4 * j + 2 * hh + e] = pv;
           sum += pv;
         }
-      row_sum[hh] = row_sum[hh] * corr + sum;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc_o[4 * j + 2 * hh] *= corr;
-        acc_o[4 * j + 2 * hh + 1] *= corr;
-      }
+      row_sum[hh] = row_sum[hh] * corr[hh] + sum;
     }
+  };
+  auto pack_p = [&](const float (&acc_s)[WgS::kRegs]) {
 #pragma unroll
     for (int kk = 0; kk < kNSteps; ++kk) {
       p_a[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
@@ -230,18 +211,64 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       p_a[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
       p_a[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
     }
-    n_block = n_next;
-  }
-  if (i > 0) {  // the last tile's P V, in a turn of its own
+  };
+
+  if (n_first >= 0) {
+    mbar_wait(bar_q, 0);
+    if (c == kConsumers - 1) named_arrive(1, kTurnThreads);  // consumer 0 takes the first turn
+    float corr[2];
+    {  // tile 0: S only
+      float acc_s[WgS::kRegs];
+      mbar_wait(full_k(0), 0);
+      named_sync(my_turn, kTurnThreads);
+      wgmma_fence();
+      issue_s(acc_s, 0);
+      named_arrive(next_turn, kTurnThreads);
+      wgmma_wait<0>();
+      fence_operand(acc_s);
+      if (lane == 0) mbar_arrive(empty_k(0));
+      softmax(acc_s, n_first, corr);
+      pack_p(acc_s);  // O is still 0: no correction
+    }
+    int i = 1;
+    for (int n_block = prev_tile(n_first); n_block >= 0; n_block = prev_tile(n_block), ++i) {
+      const int st = i % kStages, st_prev = (i - 1) % kStages;
+      mbar_wait(full_k(st), (i / kStages) & 1);
+      mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
+      named_sync(my_turn, kTurnThreads);
+      float acc_s[WgS::kRegs];
+      wgmma_fence();
+      issue_s(acc_s, st);
+      issue_pv(st_prev);
+      named_arrive(next_turn, kTurnThreads);
+      // S(i) done; P(i-1) V(i-1) still runs during the softmax of S(i), which touches neither O
+      // nor P's registers.
+      wgmma_wait<1>();
+      fence_operand(acc_s);
+      mbar_arrive_if(empty_k(st), lane == 0);
+      softmax(acc_s, n_block, corr);
+      fence_operand(acc_s);  // the softmax is done before the wait (the compiler would sink it)
+      wgmma_wait<0>();       // O now holds every tile before this one
+      fence_operand(acc_o);
+      // P(i-1)'s registers stay live up to here: to the allocator the P V read them at issue, and
+      // reusing them in the softmax would make ptxas wait for the P V before the softmax.
+      fence_operand(p_a);
+      if (lane == 0) mbar_arrive(empty_v(st_prev));
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          acc_o[4 * j + 2 * hh] *= corr[hh];
+          acc_o[4 * j + 2 * hh + 1] *= corr[hh];
+        }
+      pack_p(acc_s);
+    }
+    // The last tile's P V, in a turn of its own.
     const int st_prev = (i - 1) % kStages;
     mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
     named_sync(my_turn, kTurnThreads);
-    const uint32_t sV = sV0 + st_prev * KTile::kBytes;
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kNSteps; ++kk)
-      WgO::template rs<1>(acc_o, p_a[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
-    wgmma_commit();
+    issue_pv(st_prev);
     // The last consumer's hand-over would have no taker: every turn barrier is left balanced.
     if (c != kConsumers - 1) named_arrive(next_turn, kTurnThreads);
     wgmma_wait<0>();

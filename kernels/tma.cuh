@@ -39,6 +39,14 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// Arrives when `pred` holds, without a branch (control flow between wgmma waits makes ptxas wait early).
+__device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n"
+      "@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
+      "r"(static_cast<int>(pred))
+      : "memory");
+}
 // Waits until the phase of parity `parity` has completed. A fresh barrier is in phase 0, so waiting on
 // parity 1 returns at once (how a producer sees its empty slots on the first round).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
