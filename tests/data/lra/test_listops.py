@@ -120,3 +120,34 @@ def test_datamodule_batches_and_cache(tmp_path):
     np.testing.assert_array_equal(again.datasets["test"].labels, dm.datasets["test"].labels)
     train = next(iter(dm.train_dataloader()))
     assert train["input_ids"].shape == (4, 100)
+
+
+def test_test_only_data_for_a_fresh_evaluation_set(tmp_path):
+    """eval.py data.gen_seed=1 data.n_train=0 data.n_val=0 data.n_test=N: a test split of its own,
+    cached apart from the training data, and stages that would read an empty split are refused."""
+    limits = {"min_length": 30, "max_length": 120, "seqlen": 100, "batch_size": 4, "num_proc": 1,
+              "cache_dir": tmp_path}
+    training = ListOpsDataModule(n_train=12, n_val=4, n_test=4, gen_seed=0, **limits)
+    fresh = ListOpsDataModule(n_train=0, n_val=0, n_test=10, gen_seed=1, **limits)
+    assert fresh.path != training.path
+    fresh.setup("test")
+    test = fresh.load_splits()["test"]
+    assert len(test["labels"]) == 10 and len(fresh.datasets["train"]) == 0
+    expected = generate({"test": 10}, gen_seed=1, min_length=30, max_length=120, num_proc=1, progress=False)
+    for name in ("tokens", "offsets", "labels"):
+        np.testing.assert_array_equal(test[name], expected["test"][name])
+    batches = list(fresh.test_dataloader())
+    assert sum(len(b["labels"]) for b in batches) == 10
+    training.setup("fit")
+    seen = {t.tobytes() for split in training.load_splits().values() for t, _ in examples(split)}
+    assert not seen & {t.tobytes() for t, _ in examples(test)}  # another seed, other examples
+
+    for stage, split in (("fit", "train"), ("validate", "val")):
+        with pytest.raises(ValueError, match=f"{stage} reads the {split} split, but data.n_{split}=0"):
+            ListOpsDataModule(n_train=0, n_val=0, n_test=10, gen_seed=1, **limits).setup(stage)
+    with pytest.raises(ValueError, match="fit reads the val split, but data.n_val=0"):
+        ListOpsDataModule(n_train=12, n_val=0, n_test=4, **limits).setup("fit")
+    with pytest.raises(ValueError, match="must be >= 0 and not all 0"):
+        ListOpsDataModule(n_train=0, n_val=0, n_test=0, **limits)
+    with pytest.raises(ValueError, match="must be >= 0 and not all 0"):
+        ListOpsDataModule(n_train=-1, n_val=4, n_test=4, **limits)

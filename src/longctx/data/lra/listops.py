@@ -56,6 +56,8 @@ PAD_ID = 0
 OPERATOR_P = 0.25  # LRA's VALUE_P: a node above max_depth is an operator with this probability
 CHUNK = 256  # examples per generation chunk (the unit of seeding and of multiprocessing)
 FORMAT = 1  # bump when the generator or the cache layout changes
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+"""The splits each Lightning stage reads (fit validates too, and train.py validates after it)."""
 
 _OP_IDS = tuple(TOKEN_ID[op] for op in OPERATORS)
 _VALUE_IDS = tuple(TOKEN_ID[str(v)] for v in range(10))
@@ -202,12 +204,26 @@ class ListOpsDataModule(TokenClassifyDataModule):
                  cache_dir: PathLike | None = None, seed: int = 0) -> None:
         super().__init__(seqlen, batch_size, num_workers, seed, PAD_ID)
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
+        if min(self.sizes.values()) < 0 or max(self.sizes.values()) == 0:
+            raise ValueError(f"ListOps data.n_train, n_val, n_test must be >= 0 and not all 0, got "
+                             f"{n_train}, {n_val}, {n_test}")
         self.limits = {"max_depth": max_depth, "max_args": max_args, "min_length": min_length,
                        "max_length": max_length}
         self.gen_seed, self.num_proc = gen_seed, num_proc
         self.path = cache_file("listops", {"format": FORMAT, "gen_seed": gen_seed, "chunk": CHUNK,
                                            **self.sizes, **self.limits}, cache_dir)
         self._splits: dict[str, dict[str, np.ndarray]] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Refuse a Lightning stage that would read an empty split (e.g. training with n_train=0,
+        which Lightning would otherwise end after 0 steps without an error); a test-only set
+        (n_train=0, n_val=0) is fine for ``eval.py splits=[test]``."""
+        stage_name = getattr(stage, "value", stage) or ""  # Lightning passes a TrainerFn (a str enum)
+        empty = [s for s in STAGE_SPLITS.get(stage_name, ()) if self.sizes[s] == 0]
+        if empty:
+            raise ValueError(f"ListOps: {stage_name} reads the {empty[0]} split, but data.n_{empty[0]}=0; "
+                             f"set data.n_{empty[0]} > 0 (this data has {self.sizes})")
+        super().setup(stage)
 
     def load_splits(self) -> dict[str, dict[str, np.ndarray]]:
         if self._splits is not None:
