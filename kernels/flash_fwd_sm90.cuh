@@ -18,6 +18,8 @@
 // Included by flash_fwd.cuh (after TileLoader, before run_flash_fwd_hdim), not on its own.
 #pragma once
 
+#include <type_traits>
+
 #include "seq_info.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -142,7 +144,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < WgO::kRegs; ++i) acc_o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in log2 units
-  uint32_t p_a[kNSteps][4];  // P(i-1) as the A operand of the next turn's P V
+  // P(i) as the A operand of the next turn's P V, in two register sets by the parity of i (the loop is
+  // unrolled by two): P(i) is packed while P(i-1) V(i-1) still reads the other set.
+  uint32_t p_a[2][kNSteps][4];
 
   auto issue_s = [&](float (&acc_s)[WgS::kRegs], int st) {  // S = Q_c K^T
 #pragma unroll
@@ -154,11 +158,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     wgmma_commit();
   };
-  auto issue_pv = [&](int st) {  // O += P V (B = V, MN-major: a k16 step is 16 key rows)
+  auto issue_pv = [&](const uint32_t (&p)[kNSteps][4], int st) {  // O += P V (B = V, MN-major: k16 = 16 keys)
     const uint32_t sV = sV0 + st * KTile::kBytes;
 #pragma unroll
     for (int kk = 0; kk < kNSteps; ++kk)
-      WgO::template rs<1>(acc_o, p_a[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
+      WgO::template rs<1>(acc_o, p[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
     wgmma_commit();
   };
   // Scores of key tile n_block in log2 units, hidden keys (past the end, causal) at -inf, then the
@@ -203,13 +207,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       row_sum[hh] = row_sum[hh] * corr[hh] + sum;
     }
   };
-  auto pack_p = [&](const float (&acc_s)[WgS::kRegs]) {
+  auto pack_p = [&](const float (&acc_s)[WgS::kRegs], uint32_t (&p)[kNSteps][4]) {
 #pragma unroll
     for (int kk = 0; kk < kNSteps; ++kk) {
-      p_a[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-      p_a[kk][1] = pack_float2<T>(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-      p_a[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-      p_a[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
+      p[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
+      p[kk][1] = pack_float2<T>(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
+      p[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
+      p[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
     }
   };
 
@@ -228,10 +232,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       fence_operand(acc_s);
       if (lane == 0) mbar_arrive(empty_k(0));
       softmax(acc_s, n_first, corr);
-      pack_p(acc_s);  // O is still 0: no correction
+      pack_p(acc_s, p_a[0]);  // O is still 0: no correction
     }
-    int i = 1;
-    for (int n_block = prev_tile(n_first); n_block >= 0; n_block = prev_tile(n_block), ++i) {
+    // Iteration i >= 1 (tile n_block): one turn issues S(i) and P(i-1) V(i-1) (set kSet ^ 1), the
+    // softmax of S(i) runs while P V does, P(i) goes to set kSet, then O's correction.
+    auto iteration = [&](auto set, int i, int n_block) {
+      constexpr int kSet = decltype(set)::value;
       const int st = i % kStages, st_prev = (i - 1) % kStages;
       mbar_wait(full_k(st), (i / kStages) & 1);
       mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
@@ -239,21 +245,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       float acc_s[WgS::kRegs];
       wgmma_fence();
       issue_s(acc_s, st);
-      issue_pv(st_prev);
+      issue_pv(p_a[kSet ^ 1], st_prev);
       named_arrive(next_turn, kTurnThreads);
-      // S(i) done; P(i-1) V(i-1) still runs during the softmax of S(i), which touches neither O
-      // nor P's registers.
-      wgmma_wait<1>();
+      wgmma_wait<1>();  // S(i) done
       fence_operand(acc_s);
-      mbar_arrive_if(empty_k(st), lane == 0);
       softmax(acc_s, n_block, corr);
-      fence_operand(acc_s);  // the softmax is done before the wait (the compiler would sink it)
-      wgmma_wait<0>();       // O now holds every tile before this one
+      pack_p(acc_s, p_a[kSet]);
+      fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
+      // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
+      // early as its operands allow; a predicate that reads the row sums (never negative, so it is
+      // lane == 0) holds both behind the whole softmax.
+      mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
+      wgmma_wait<0>();           // O now holds every tile before this one
       fence_operand(acc_o);
-      // P(i-1)'s registers stay live up to here: to the allocator the P V read them at issue, and
-      // reusing them in the softmax would make ptxas wait for the P V before the softmax.
-      fence_operand(p_a);
-      if (lane == 0) mbar_arrive(empty_v(st_prev));
+      fence_operand(p_a[kSet ^ 1]);
+      mbar_arrive_if(empty_v(st_prev), lane == 0);
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
 #pragma unroll
@@ -261,14 +267,22 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           acc_o[4 * j + 2 * hh] *= corr[hh];
           acc_o[4 * j + 2 * hh + 1] *= corr[hh];
         }
-      pack_p(acc_s);
+    };
+    int i = 1;
+    for (int n_block = prev_tile(n_first); n_block >= 0;) {
+      iteration(std::integral_constant<int, 1>{}, i++, n_block);
+      n_block = prev_tile(n_block);
+      if (n_block < 0) break;
+      iteration(std::integral_constant<int, 0>{}, i++, n_block);
+      n_block = prev_tile(n_block);
     }
     // The last tile's P V, in a turn of its own.
     const int st_prev = (i - 1) % kStages;
     mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
     named_sync(my_turn, kTurnThreads);
     wgmma_fence();
-    issue_pv(st_prev);
+    if ((i - 1) % 2) issue_pv(p_a[1], st_prev);
+    else issue_pv(p_a[0], st_prev);
     // The last consumer's hand-over would have no taker: every turn barrier is left balanced.
     if (c != kConsumers - 1) named_arrive(next_turn, kTurnThreads);
     wgmma_wait<0>();
