@@ -1,8 +1,11 @@
-"""One forward call of longctx flash and of sdpa's FLASH backend, for Nsight Compute to compare.
+"""Forward (or forward + backward) calls of longctx flash and of an sdpa backend, for Nsight Compute
+to compare.
 
     ncu --kernel-name regex:flash_fwd --launch-skip 2 --launch-count 2 --section SpeedOfLight ... \
         python bench/profile_fwd.py --head-dim 128 --seqlen 1024
-FlashAttention's benchmark shapes (16k tokens, hidden 2048), bf16; each impl runs 3 times.
+    ncu --kernel-name regex:'dkdv|bprop|bwd' ... python bench/profile_fwd.py --backward --peer cudnn
+FlashAttention's benchmark shapes (16k tokens, hidden 2048), bf16; each impl runs 3 times (the third
+between cudaProfilerStart / Stop, for `ncu --profile-from-start off`).
 """
 
 from __future__ import annotations
@@ -25,20 +28,38 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--backward", action="store_true", help="forward + backward")
+    parser.add_argument("--peer", choices=["flash", "cudnn"], default="flash", help="sdpa backend")
     args = parser.parse_args()
     batch, heads = max(1, 16384 // args.seqlen), 2048 // args.head_dim
     q, k, v = (
-        torch.randn(batch, args.seqlen, heads, args.head_dim, device="cuda", dtype=torch.bfloat16)
+        torch.randn(batch, args.seqlen, heads, args.head_dim, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=args.backward)
         for _ in range(3)
     )
-    for _ in range(3):
-        flash.flash_attention(q, k, v, causal=args.causal)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        for _ in range(3):
-            F.scaled_dot_product_attention(
+    dout = torch.randn_like(q)
+
+    def run(out: torch.Tensor) -> None:
+        if args.backward:
+            out.backward(dout if out.shape == dout.shape else dout.transpose(1, 2))
+
+    backend = SDPBackend.FLASH_ATTENTION if args.peer == "flash" else SDPBackend.CUDNN_ATTENTION
+
+    def both() -> None:
+        run(flash.flash_attention(q, k, v, causal=args.causal))
+        with sdpa_kernel(backend):
+            run(F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=args.causal
-            )
+            ))
+
+    for _ in range(2):  # warm-up (JIT build, cuDNN plans, autotuning)
+        both()
     torch.cuda.synchronize()
+    # The third call of each is the one `ncu --profile-from-start off` sees; plain ncu sees all three.
+    torch.cuda.profiler.start()
+    both()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
 
 
 if __name__ == "__main__":

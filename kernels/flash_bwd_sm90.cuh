@@ -29,6 +29,7 @@
 
 #include <type_traits>
 
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace longctx {
@@ -49,14 +50,16 @@ struct BwdTraits {
   static constexpr int kOffV = KTile::kBytes;
   static constexpr int kOffQ = 2 * KTile::kBytes;
   static constexpr int kOffdO = kOffQ + 2 * QTile::kBytes;
-  static constexpr int kOffdS = kOffdO + 2 * QTile::kBytes;
-  static constexpr int kOffStats = kOffdS + DSTile::kBytes;  // lse [2][kBlockM], then rowsum(dO O)
-  static constexpr int kOffMask = kOffStats + 4 * kBlockM * 4;  // block-sparse: the mask column
+  static constexpr int kOffdS = kOffdO + 2 * QTile::kBytes;      // two dS^T buffers (by iteration parity)
+  static constexpr int kOffStats = kOffdS + 2 * DSTile::kBytes;  // lse [2][kBlockM], then rowsum(dO O)
+  static constexpr int kOffBar = kOffStats + 4 * kBlockM * 4;    // "full" mbarrier of each query stage
+  static constexpr int kOffMask = kOffBar + 16;                  // block-sparse: the mask column
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask column's bytes)
 };
 
 template <typename Tr, bool kIsCausal>
-__global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(const FlashBwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    flash_bwd_dkdv_sm90_kernel(const FlashBwdParams p, const __grid_constant__ QdoMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename Tr::T;
   using KTile = typename Tr::KTile;
@@ -77,7 +80,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(co
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   char* const smem = smem_raw + (base - smem_u32(smem_raw));
   const uint32_t sK = base, sV = base + Tr::kOffV, sQ0 = base + Tr::kOffQ, sdO0 = base + Tr::kOffdO;
-  const uint32_t sdS = base + Tr::kOffdS;
+  const uint32_t sdS0 = base + Tr::kOffdS, bar_full = base + Tr::kOffBar;
   float* const sLse = reinterpret_cast<float*>(smem + Tr::kOffStats);  // [2][kBlockM]
   float* const sDsum = sLse + 2 * kBlockM;                             // [2][kBlockM]
 
@@ -114,21 +117,37 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(co
   const int64_t dq_row_stride = static_cast<int64_t>(p.num_heads_q) * D;
   const bool compute_dq = !p.deterministic;
 
-  // Prologue: K, V and the first query tile.
+  // Prologue: K, V (cp.async, all threads) and the first query tile. A query tile is Q and dO by TMA
+  // (thread 0) plus the row statistics by cp.async (threads < kBlockM), all completing on the stage's
+  // "full" mbarrier (1 expect-tx arrival + one cp.async arrival per thread).
   T* const smem_t = reinterpret_cast<T*>(smem);
+  if (tid == 0) {
+    mbar_init(bar_full, 1 + kThreads);
+    mbar_init(bar_full + 8, 1 + kThreads);
+    mbar_init_fence();
+  }
+  __syncthreads();
   bwd::copy_tile<KTile, kThreads>(smem_t, k_ptr, p.k_row_stride, col0, s.seqlen_k, tid);
   bwd::copy_tile<KTile, kThreads>(smem_t + Tr::kOffV / 2, v_ptr, p.v_row_stride, col0, s.seqlen_k, tid);
+  cp_async_commit();
   auto load_query_tile = [&](int m, int stage) {
     const int row0 = m * kBlockM;
-    bwd::copy_tile<QTile, kThreads>(smem_t + (Tr::kOffQ + stage * QTile::kBytes) / 2, q_ptr, p.q_row_stride, row0,
-                                    s.seqlen_q, tid);
-    bwd::copy_tile<QTile, kThreads>(smem_t + (Tr::kOffdO + stage * QTile::kBytes) / 2, do_ptr, p.do_row_stride,
-                                    row0, s.seqlen_q, tid);
+    const uint32_t bar = bar_full + 8 * stage;
+    if (tid == 0) {
+      // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
+      const int tma_row = (s.varlen ? s.q_start : 0) + row0, tma_batch = s.varlen ? 0 : b;
+      mbar_arrive_expect_tx(bar, 2 * QTile::kBytes);
+      tma_load_tile<QTile>(sQ0 + stage * QTile::kBytes, &maps.q, bar, tma_row, h, tma_batch);
+      tma_load_tile<QTile>(sdO0 + stage * QTile::kBytes, &maps.dout, bar, tma_row, h, tma_batch);
+    }
     bwd::copy_row_stats<kBlockM, kThreads>(sLse + stage * kBlockM, lse_ptr, row0, s.seqlen_q, tid);
     bwd::copy_row_stats<kBlockM, kThreads>(sDsum + stage * kBlockM, dsum_ptr, row0, s.seqlen_q, tid);
+    cp_async_mbar_arrive_noinc(bar);
   };
   if (m_first < m_end) load_query_tile(m_first, 0);
-  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();  // K and V are in
 
   // Thread coordinates inside the warpgroup's m64 accumulators (wgmma.cuh): rows 16 warp + g (+8),
   // columns 8j + 2 t4 (+1).
@@ -140,15 +159,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(co
   for (int i = 0; i < WgKV::kRegs; ++i) acc_dk[i] = acc_dv[i] = 0.f;
   const float scale_log2 = p.softmax_scale_log2;
 
-  int stage = 0;
-  for (int m_block = m_first; m_block < m_end; stage ^= 1) {
+  // One block-wide barrier per iteration (dS^T exchange before dQ). The query stage that iteration
+  // it + 1 loads was last read in iteration it - 1, before that iteration's barrier; dS^T alternates
+  // between two buffers, so a warpgroup a phase ahead never overwrites what the other's dQ reads.
+  int it = 0;
+  for (int m_block = m_first; m_block < m_end; ++it) {
+    const int stage = it & 1;
+    const uint32_t sdS = sdS0 + stage * DSTile::kBytes;
     const int row0 = m_block * kBlockM;
     const int m_next = next_tile(m_block + 1);
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();  // this tile's Q / dO / stats are in; the previous iteration's reads are done
+    mbar_wait(bar_full + 8 * stage, (it >> 1) & 1);  // this tile's Q / dO / stats are in
     if (m_next < m_end) load_query_tile(m_next, stage ^ 1);
-    cp_async_commit();
 
     // One query tile; kMasked: the tile may need the causal / sequence-end mask (need_mask says).
     const bool need_mask = col0 + kBlockN > s.seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
@@ -247,16 +268,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(co
   #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
               const int r = key_row + 8 * hh, c = 16 * kk + 8 * half;
-              *reinterpret_cast<uint32_t*>(smem + Tr::kOffdS + 2 * (DSTile::offset(r, c) + 2 * t4)) =
+              *reinterpret_cast<uint32_t*>(smem + (sdS - base) + 2 * (DSTile::offset(r, c) + 2 * t4)) =
                   ds_a[kk][2 * half + hh];
             }
       }
       wgmma_wait<0>();
       fence_operand(acc_dv);
       fence_operand(acc_dk);
+      if (!compute_dq) __syncthreads();  // the iteration's barrier (both are done with this stage)
       if (compute_dq) {
         fence_proxy_async();
-        __syncthreads();  // both warpgroups' dS^T are in shared memory
+        __syncthreads();  // both warpgroups' dS^T are in shared memory; both are done with this stage
         // dQ part of this warpgroup = dS K: A = dS (M-major view of dS^T), B = K (MN-major), k16 step
         // = 16 keys.
         const uint32_t a_start = sdS + (kDqByRows ? wg * DSTile::kBlockBytes : 0);
@@ -290,7 +312,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) flash_bwd_dkdv_sm90_kernel(co
   }
 
   // Epilogue: dK (scaled) and dV through shared memory (the K / V tiles) for 16-byte stores.
-  cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done reading sK, sV
   const float scale = p.softmax_scale;
 #pragma unroll
@@ -318,11 +339,19 @@ bool launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
   auto kernel = flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal>;
   static const bool available = has_sm90_code(kernel);
   if (!available) return false;
+  QdoMaps maps;
+  const bool bf16 = TypeTraits<T>::kIsBf16;
+  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;  // packed varlen: one "batch" of total rows
+  if (!make_token_map(&maps.q, p.q, bf16, D, p.rows_q, p.num_heads_q, batch, p.q_row_stride, p.q_head_stride,
+                      p.q_batch_stride, Tr::kBlockM) ||
+      !make_token_map(&maps.dout, p.dout, bf16, D, p.rows_q, p.num_heads_q, batch, p.do_row_stride,
+                      p.do_head_stride, p.do_batch_stride, Tr::kBlockM))
+    return false;
   const int mask_bytes = p.block_mask != nullptr ? ((p.seqlen_q + kMaskBlock - 1) / kMaskBlock + 15) / 16 * 16 : 0;
   const int smem = Tr::kSmemBytes + mask_bytes;
   bwd::set_smem(kernel, smem);
   const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.num_heads_q);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, maps);
   return true;
 }
 

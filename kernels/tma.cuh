@@ -47,6 +47,11 @@ __device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
       "r"(static_cast<int>(pred))
       : "memory");
 }
+// The mbarrier receives one arrival when this thread's earlier cp.async copies have landed (the
+// barrier's expected count includes it: .noinc).
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 // Waits until the phase of parity `parity` has completed. A fresh barrier is in phase 0, so waiting on
 // parity 1 returns at once (how a producer sees its empty slots on the first round).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
@@ -102,6 +107,10 @@ __device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* m
 // The tensor maps of Q, K and V, passed to the kernel as a __grid_constant__ parameter.
 struct QkvMaps {
   CUtensorMap q, k, v;
+};
+// The backward's: Q and dO.
+struct QdoMaps {
+  CUtensorMap q, dout;
 };
 
 // Host: describes a 16-bit token tensor (strides in elements; batch_stride 0 for packed varlen
