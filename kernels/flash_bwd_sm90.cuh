@@ -53,8 +53,9 @@ struct BwdTraits {
   static constexpr int kOffdS = kOffdO + 2 * QTile::kBytes;      // two dS^T buffers (by iteration parity)
   static constexpr int kOffStats = kOffdS + 2 * DSTile::kBytes;  // lse [2][kBlockM], then rowsum(dO O)
   static constexpr int kOffBar = kOffStats + 4 * kBlockM * 4;    // "full" mbarrier of each query stage
-  static constexpr int kOffMask = kOffBar + 16;                  // block-sparse: the mask column
-  static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask column's bytes)
+  static constexpr int kOffCount = kOffBar + 16;                 // block-sparse: kept query tiles
+  static constexpr int kOffMask = kOffCount + 16;  // block-sparse: the mask column, then the kept-tile list
+  static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask column and list)
 };
 
 template <typename Tr, bool kIsCausal>
@@ -93,17 +94,28 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int diag = s.seqlen_k - s.seqlen_q;  // query i sees keys j <= i + diag (causal)
   const int m_end = (s.seqlen_q + kBlockM - 1) / kBlockM;
   const int m_begin = kIsCausal ? max(0, col0 - diag) / kBlockM : 0;
-  // Block-sparse: only the query tiles of kept mask blocks are visited, walking the block's mask
-  // column staged in shared memory (all of them when dense).
+  // Block-sparse: only the query tiles of kept mask blocks are visited. The block's mask column is
+  // staged in shared memory and compacted into an ascending list of kept tiles, read by visit index
+  // (dense: every tile from m_begin).
   const MaskLine<kBlockM> mask = mask_col<kBlockM>(p, b, h, col0);
   const bool sparse = mask.flags != nullptr;
+  const int mask_blocks = (s.seqlen_q + kMaskBlock - 1) / kMaskBlock;
+  int16_t* const tile_list = reinterpret_cast<int16_t*>(smem + Tr::kOffMask + (mask_blocks + 15) / 16 * 16);
+  int n_visits = m_end - m_begin;
   if (sparse) {
-    stage_mask_line<kBlockM, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask), mask,
-                                       (s.seqlen_q + kMaskBlock - 1) / kMaskBlock, tid);
+    stage_mask_line<kBlockM, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask), mask, mask_blocks, tid);
     __syncthreads();
+    if (tid < 32) {
+      const int count = compact_kept_asc<kBlockM>(tile_list, base + Tr::kOffMask, m_begin, m_end, tid);
+      if (tid == 0) *reinterpret_cast<int*>(smem + Tr::kOffCount) = count;
+    }
+    __syncthreads();
+    n_visits = *reinterpret_cast<const int*>(smem + Tr::kOffCount);
   }
-  auto next_tile = [&](int t) { return sparse ? next_kept_smem<kBlockM>(base + Tr::kOffMask, t, m_end) : min(t, m_end); };
-  const int m_first = next_tile(m_begin);
+  auto tile = [&](int i) {  // the query tile of visit i, or m_end past the last
+    return i >= n_visits ? m_end : sparse ? static_cast<int>(tile_list[i]) : m_begin + i;
+  };
+  const int m_first = tile(0);
 
   const T* q_ptr = static_cast<const T*>(p.q) + s.tok(b, s.q_start, p.q_batch_stride, p.q_row_stride, h, p.q_head_stride);
   const T* do_ptr =
@@ -167,7 +179,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int stage = it & 1;
     const uint32_t sdS = sdS0 + stage * DSTile::kBytes;
     const int row0 = m_block * kBlockM;
-    const int m_next = next_tile(m_block + 1);
+    const int m_next = tile(it + 1);
     mbar_wait(bar_full + 8 * stage, (it >> 1) & 1);  // this tile's Q / dO / stats are in
     if (m_next < m_end) load_query_tile(m_next, stage ^ 1);
 
@@ -347,7 +359,10 @@ bool launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
       !make_token_map(&maps.dout, p.dout, bf16, D, p.rows_q, p.num_heads_q, batch, p.do_row_stride,
                       p.do_head_stride, p.do_batch_stride, Tr::kBlockM))
     return false;
-  const int mask_bytes = p.block_mask != nullptr ? ((p.seqlen_q + kMaskBlock - 1) / kMaskBlock + 15) / 16 * 16 : 0;
+  // + the mask column and the kept-tile list (int16)
+  const int mask_bytes = p.block_mask != nullptr ? ((p.seqlen_q + kMaskBlock - 1) / kMaskBlock + 15) / 16 * 16 +
+                                                       2 * ((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM)
+                                                 : 0;
   const int smem = Tr::kSmemBytes + mask_bytes;
   bwd::set_smem(kernel, smem);
   const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.num_heads_q);

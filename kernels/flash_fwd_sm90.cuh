@@ -44,8 +44,9 @@ struct FwdTraits {
   static constexpr int kOffK = QTile::kBytes;
   static constexpr int kOffV = kOffK + kStages * KTile::kBytes;
   static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;  // Q, then full K, full V, empty K, empty V
-  static constexpr int kOffMask = kOffBar + 8 * (1 + 4 * kStages);
-  static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask row's bytes)
+  static constexpr int kOffCount = kOffBar + 8 * (1 + 4 * kStages);  // block-sparse: kept tiles
+  static constexpr int kOffMask = kOffCount + 16;  // block-sparse: the mask row, then the kept-tile list
+  static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask row and list)
 };
 
 template <typename Tr, bool kIsCausal, bool kSparse>
@@ -100,14 +101,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     mbar_init_fence();
   }
-  // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited, walking the block's
-  // mask row staged in shared memory (producer and consumers walk the same list).
-  if constexpr (kSparse)
+  // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited. The block's mask row
+  // is staged in shared memory and compacted into a descending list of kept tiles, which producer and
+  // consumers read by visit index; dense: tile(i) = n_block_max - 1 - i.
+  int16_t* const tile_list = reinterpret_cast<int16_t*>(smem + Tr::kOffMask + (p.block_mask_cols + 15) / 16 * 16);
+  int* const tile_count = reinterpret_cast<int*>(smem + Tr::kOffCount);
+  if constexpr (kSparse) {
     stage_mask_line<kBlockN, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask), mask_row<kBlockN>(p, b, h, row0),
                                        n_block_max, tid);
+    __syncthreads();
+    if (tid < 32) {
+      const int count = compact_kept_desc(tile_list, base + Tr::kOffMask, n_block_max, tid);
+      if (tid == 0) *tile_count = count;
+    }
+  }
   __syncthreads();
-  auto prev_tile = [&](int t) { return kSparse ? prev_kept_smem<kBlockN>(base + Tr::kOffMask, t) : t - 1; };
-  const int n_first = prev_tile(n_block_max);
+  const int n_visits = kSparse ? *tile_count : n_block_max;
+  auto tile = [&](int i) {  // the key tile of visit i, or -1 past the last
+    if constexpr (kSparse) return i < n_visits ? static_cast<int>(tile_list[i]) : -1;
+    else return i < n_visits ? n_block_max - 1 - i : -1;
+  };
+  const int n_first = tile(0);
   const int wg = tid / 128;
 
   if (wg == 0) {  // producer
@@ -117,8 +131,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const int tb = s.varlen ? 0 : b, q_row = (s.varlen ? s.q_start : 0) + row0, k_row = s.varlen ? s.k_start : 0;
       mbar_arrive_expect_tx(bar_q, QTile::kBytes);
       tma_load_tile<QTile>(sQ, &maps.q, bar_q, q_row, h, tb);
-      int i = 0;
-      for (int n = n_first; n >= 0; n = prev_tile(n), ++i) {
+      for (int i = 0, n = n_first; n >= 0; n = tile(++i)) {
         const int st = i % kStages;
         const uint32_t free_parity = ((i / kStages) & 1) ^ 1;  // round 0 finds every slot free
         mbar_wait(empty_k(st), free_parity);
@@ -269,12 +282,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
     };
     int i = 1;
-    for (int n_block = prev_tile(n_first); n_block >= 0;) {
-      iteration(std::integral_constant<int, 1>{}, i++, n_block);
-      n_block = prev_tile(n_block);
+    for (int n_block = tile(1); n_block >= 0;) {
+      iteration(std::integral_constant<int, 1>{}, i, n_block);
+      n_block = tile(++i);
       if (n_block < 0) break;
-      iteration(std::integral_constant<int, 0>{}, i++, n_block);
-      n_block = prev_tile(n_block);
+      iteration(std::integral_constant<int, 0>{}, i, n_block);
+      n_block = tile(++i);
     }
     // The last tile's P V, in a turn of its own.
     const int st_prev = (i - 1) % kStages;
@@ -340,7 +353,8 @@ bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
       !make_token_map(&maps.v, p.v, bf16, D, p.rows_k, p.num_heads_k, batch, p.v_row_stride, p.v_head_stride,
                       p.v_batch_stride, Tr::kBlockN))
     return false;
-  const int smem = Tr::kSmemBytes + (kSparse ? (p.block_mask_cols + 15) / 16 * 16 : 0);  // + the mask row
+  // + the mask row and the kept-tile list (int16)
+  const int smem = Tr::kSmemBytes + (kSparse ? (p.block_mask_cols + 15) / 16 * 16 + 2 * p.block_mask_cols : 0);
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.num_heads_q, p.batch);
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, maps);
