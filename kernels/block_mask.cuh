@@ -57,13 +57,6 @@ __device__ __forceinline__ int prev_kept_smem(uint32_t smem, int t) {
   return t;
 }
 
-template <int kTile>
-__device__ __forceinline__ int next_kept_smem(uint32_t smem, int t, int t_end) {
-  constexpr int kTilesPerBlock = kMaskBlock / kTile;
-  while (t < t_end && !kept_smem(smem, t / kTilesPerBlock)) t = (t / kTilesPerBlock + 1) * kTilesPerBlock;
-  return t < t_end ? t : t_end;
-}
-
 // The kept tiles below t_end of a staged mask line (tiles of kMaskBlock), in descending order, written
 // by one warp (lane = 0..31) to `list` in shared memory; returns their count on every lane. A loop then
 // reads its next tile in one load instead of probing the skipped blocks one by one (at density 1/16 a

@@ -117,9 +117,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
   const int m_first = tile(0);
 
-  const T* q_ptr = static_cast<const T*>(p.q) + s.tok(b, s.q_start, p.q_batch_stride, p.q_row_stride, h, p.q_head_stride);
-  const T* do_ptr =
-      static_cast<const T*>(p.dout) + s.tok(b, s.q_start, p.do_batch_stride, p.do_row_stride, h, p.do_head_stride);
   const T* k_ptr = static_cast<const T*>(p.k) + s.tok(b, s.k_start, p.k_batch_stride, p.k_row_stride, hk, p.k_head_stride);
   const T* v_ptr = static_cast<const T*>(p.v) + s.tok(b, s.k_start, p.v_batch_stride, p.v_row_stride, hk, p.v_head_stride);
   const int64_t lse_off = b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
