@@ -57,33 +57,34 @@ __device__ __forceinline__ int prev_kept_smem(uint32_t smem, int t) {
   return t;
 }
 
-// The kept tiles below t_end of a staged mask line (tiles of kMaskBlock), in descending order, written
-// by one warp (lane = 0..31) to `list` in shared memory; returns their count on every lane. A loop then
-// reads its next tile in one load instead of probing the skipped blocks one by one (at density 1/16 a
-// step of prev_kept_smem probes ~16 flags in a dependent chain).
+// Compaction of a staged mask line into the list of its kept tiles, by one warp (lane = 0..31): a
+// loop then reads its next tile in one load instead of probing the skipped blocks one by one (at
+// density 1/16 a step of prev_kept_smem probes ~16 flags in a dependent chain). One step: the warp's
+// 32 candidate tiles t (kept or not) appended in lane order at `count`, which it advances.
+__device__ __forceinline__ void append_kept(int16_t* list, int& count, int t, bool kept, int lane) {
+  const unsigned ballot = __ballot_sync(0xffffffffu, kept);
+  if (kept) list[count + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int16_t>(t);
+  count += __popc(ballot);
+}
+
+// The kept tiles below t_end (tiles of kMaskBlock) in descending order; returns their count on every lane.
 __device__ __forceinline__ int compact_kept_desc(int16_t* list, uint32_t smem, int t_end, int lane) {
   int count = 0;
   for (int top = t_end - 1; top >= 0; top -= 32) {
     const int t = top - lane;
-    const bool kept = t >= 0 && kept_smem(smem, t);
-    const unsigned ballot = __ballot_sync(0xffffffffu, kept);
-    if (kept) list[count + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int16_t>(t);
-    count += __popc(ballot);
+    append_kept(list, count, t, t >= 0 && kept_smem(smem, t), lane);
   }
   return count;
 }
 
-// The same in ascending order for tiles of kTile: the kept tiles of [t_begin, t_end).
+// The kept tiles of [t_begin, t_end) (tiles of kTile) in ascending order; returns their count.
 template <int kTile>
 __device__ __forceinline__ int compact_kept_asc(int16_t* list, uint32_t smem, int t_begin, int t_end, int lane) {
   constexpr int kTilesPerBlock = kMaskBlock / kTile;
   int count = 0;
   for (int base = t_begin; base < t_end; base += 32) {
     const int t = base + lane;
-    const bool kept = t < t_end && kept_smem(smem, t / kTilesPerBlock);
-    const unsigned ballot = __ballot_sync(0xffffffffu, kept);
-    if (kept) list[count + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int16_t>(t);
-    count += __popc(ballot);
+    append_kept(list, count, t, t < t_end && kept_smem(smem, t / kTilesPerBlock), lane);
   }
   return count;
 }
