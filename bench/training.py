@@ -11,8 +11,10 @@ Implementations:
 - ``longctx-compile``: the same model with each block torch.compile'd in place, as trainer.compile=true
   does (the attention custom ops stay whole; the elementwise work around them fuses);
 - ``longctx-standard``: the same model with attn=standard (the N x N matrix in memory);
-- ``hf-sdpa``: transformers' GPT2LMHeadModel with attn_implementation="sdpa", the loss computed
-  the same way as longctx's (fp32 cross-entropy over every position).
+- ``hf-sdpa``: transformers' GPT2LMHeadModel with attn_implementation="sdpa", the same loss as
+  longctx's (fp32 cross-entropy over every position) written as users of that model do,
+  ``F.cross_entropy(logits.float(), ...)``; longctx's model computes it with
+  longctx.ops.cross_entropy, which avoids the fp32 copy of the logits (part of what is measured).
 
 Writes bench/results/<device>/training.json (rows: impl, model, seqlen, tokens_per_s, mfu,
 peak_mem_gib, status) and training.png (when matplotlib is installed), then prints a table with the
