@@ -234,7 +234,11 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, c
   kv_shape[kv_shape.size() - 2] = hq;  // GQA: one gradient per query head, summed below
   Tensor dk = at::empty(kv_shape, k.options());
   Tensor dv = at::empty(kv_shape, k.options());
-  Tensor dq_accum = at::zeros({rows, hq, d}, q.options().dtype(at::kFloat));
+  // dq_accum: (rows, hq, d) for the stage-1 kernels; the Hopper backward uses it as whole 128-row tiles
+  // per sequence (DqTiles in flash_bwd_sm90.cuh: batch x ceil(Sq / 128) tiles, or total / 128 + batch
+  // when packed), never fewer rows than that.
+  const int64_t tiled_rows = 128 * (varlen ? rows / 128 + batch : batch * ((q.size(1) + 127) / 128));
+  Tensor dq_accum = at::zeros({std::max(rows, tiled_rows), hq, d}, q.options().dtype(at::kFloat));
   Tensor dsoftmax_sum = at::empty_strided(lse.sizes(), lse.strides(), lse.options());
 
   longctx::FlashBwdParams p;

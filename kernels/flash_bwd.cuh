@@ -889,7 +889,8 @@ void run_flash_bwd_hdim(const FlashBwdParams& p, cudaStream_t stream) {
       const bool launched = p.is_causal ? sm90::launch_dkdv<kHeadDim, T, true>(p, stream)
                                         : sm90::launch_dkdv<kHeadDim, T, false>(p, stream);
       if (launched) {
-        if (p.is_causal) bwd::launch_dq<kHeadDim, T, true, false>(p, stream);
+        if (!p.deterministic) sm90::launch_convert_dq<kHeadDim, T>(p, stream);  // dq_accum is tiled
+        else if (p.is_causal) bwd::launch_dq<kHeadDim, T, true, false>(p, stream);
         else bwd::launch_dq<kHeadDim, T, false, false>(p, stream);
         return;
       }

@@ -35,6 +35,32 @@
 namespace longctx {
 namespace sm90 {
 
+// dq_accum as the Hopper backward writes it: one chunk of kBlockM x D fp32 per (query tile, head), chunks
+// ordered (tile, head); sequence b's tiles start at tile0(b) (padded batch: b x tiles per sequence;
+// packed varlen: q_start / kBlockM + b, so two sequences never share a tile; the binding sizes dq_accum
+// for kBlockM = 128, which covers 64 too). Inside a chunk the values lie in the order of the warps' dQ
+// accumulators, [part 2][warp 4][j 8][lane 32][4] (part = warpgroup), so that each warp stores its
+// 4 KB contiguously (conflict-free) and hands it to one bulk reduce-add; flash_bwd_convert_dq_tiled_kernel
+// reads it back.
+template <int kBlockM, int D>
+struct DqTiles {
+  static_assert(kBlockM * D == 128 * 64, "a chunk is two 64 x 64 parts");
+  static constexpr int kChunk = kBlockM * D;      // floats per (tile, head)
+  static constexpr int kWarpFloats = 32 * 32;     // one warp's part of a chunk: 32 lanes x 32 values
+  static constexpr bool kByRows = kBlockM == 128;  // part g: rows 64g.. (else columns 64g..)
+  __device__ __forceinline__ static int64_t tile0(const SeqInfo& s, int b, int max_seqlen_q) {
+    return s.varlen ? s.q_start / kBlockM + b : static_cast<int64_t>(b) * ((max_seqlen_q + kBlockM - 1) / kBlockM);
+  }
+  // Value e (0..3) of float4 j of `lane` of `warp` (0..3) of `part`: the m64n64 accumulator's element
+  // (16 warp + lane / 4 + 8 (e / 2), 8 j + 2 (lane % 4) + e % 2) of that part (wgmma.cuh).
+  __device__ __forceinline__ static int row(int part, int warp, int lane, int e) {
+    return (kByRows ? 64 * part : 0) + 16 * warp + lane / 4 + 8 * (e / 2);
+  }
+  __device__ __forceinline__ static int col(int part, int j, int lane, int e) {
+    return (kByRows ? 0 : 64 * part) + 8 * j + 2 * (lane % 4) + e % 2;
+  }
+};
+
 template <int kHeadDim_, typename T_>
 struct BwdTraits {
   using T = T_;
@@ -51,7 +77,8 @@ struct BwdTraits {
   static constexpr int kOffQ = 2 * KTile::kBytes;
   static constexpr int kOffdO = kOffQ + 2 * QTile::kBytes;
   static constexpr int kOffdS = kOffdO + 2 * QTile::kBytes;      // two dS^T buffers (by iteration parity)
-  static constexpr int kOffStats = kOffdS + 2 * DSTile::kBytes;  // lse [2][kBlockM], then rowsum(dO O)
+  static constexpr int kOffdQ = kOffdS + 2 * DSTile::kBytes;     // this tile's dQ (fp32, DqTiles order)
+  static constexpr int kOffStats = kOffdQ + 4 * kBlockM * D;     // lse [2][kBlockM], then rowsum(dO O)
   static constexpr int kOffBar = kOffStats + 4 * kBlockM * 4;    // "full" mbarrier of each query stage
   static constexpr int kOffCount = kOffBar + 16;                 // block-sparse: kept query tiles
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: the mask column, then the kept-tile list
@@ -75,7 +102,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using WgKV = Wgmma<D, T>;        // dK, dV: 64 keys x D
   using WgQ = Wgmma<64, T>;        // dQ: a 64 x 64 part
   static_assert(kBlockM * D == 128 * 64, "dQ splits into one 64 x 64 part per warpgroup");
-  constexpr bool kDqByRows = kBlockM == 128;  // warpgroup g: dQ rows 64g.. (else columns 64g..)
+  using DqT = DqTiles<kBlockM, D>;  // warpgroup g computes dQ part g (rows or columns 64g..)
 
   extern __shared__ char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -122,8 +149,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int64_t lse_off = b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
   const float* lse_ptr = p.lse + lse_off;
   const float* dsum_ptr = p.dsoftmax_sum + lse_off;
-  float* const dq_ptr = p.dq_accum + (s.dq_accum_row(b, p.seqlen_q) * p.num_heads_q + h) * static_cast<int64_t>(D);
-  const int64_t dq_row_stride = static_cast<int64_t>(p.num_heads_q) * D;
+  // This block's chunk of query tile m is dq_tiles + m x dq_tile_stride (DqTiles).
+  float* const dq_tiles = p.dq_accum + (DqT::tile0(s, b, p.seqlen_q) * p.num_heads_q + h) * DqT::kChunk;
+  const int64_t dq_tile_stride = static_cast<int64_t>(p.num_heads_q) * DqT::kChunk;
   const bool compute_dq = !p.deterministic;
 
   // Prologue: K, V (cp.async, all threads) and the first query tile. A query tile is Q and dO by TMA
@@ -287,11 +315,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       if (!compute_dq) __syncthreads();  // the iteration's barrier (both are done with this stage)
       if (compute_dq) {
         fence_proxy_async();
+        if (lane == 0) bulk_wait_read<0>();  // the previous tile's dQ has left shared memory
         __syncthreads();  // both warpgroups' dS^T are in shared memory; both are done with this stage
         // dQ part of this warpgroup = dS K: A = dS (M-major view of dS^T), B = K (MN-major), k16 step
         // = 16 keys.
-        const uint32_t a_start = sdS + (kDqByRows ? wg * DSTile::kBlockBytes : 0);
-        const uint32_t b_start = sK + (kDqByRows ? 0 : wg * KTile::kBlockBytes);
+        const uint32_t a_start = sdS + (DqT::kByRows ? wg * DSTile::kBlockBytes : 0);
+        const uint32_t b_start = sK + (DqT::kByRows ? 0 : wg * KTile::kBlockBytes);
         float acc_dq[WgQ::kRegs];
         wgmma_fence();
   #pragma unroll
@@ -301,15 +330,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         wgmma_commit();
         wgmma_wait<0>();
         fence_operand(acc_dq);
-        // Accumulator rows 16 warp + g (+8), columns 8j + 2 t4 of the part.
+        // This warp's 32 x 32 values to shared memory in DqTiles order, then one bulk reduce-add of
+        // them into the tile's chunk of dq_accum (the copy engine does the fp32 additions; rows past the
+        // sequence's end land in its own padding tile, which the conversion skips).
+        const int warp_off = (4 * wg + warp) * DqT::kWarpFloats;
+        float* const sdq_warp = reinterpret_cast<float*>(smem + Tr::kOffdQ) + warp_off;
   #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int qrow = row0 + (kDqByRows ? 64 * wg : 0) + 16 * warp + g + 8 * hh;
-          if (qrow < s.seqlen_q) {
-            float* dst = dq_ptr + qrow * dq_row_stride + (kDqByRows ? 0 : 64 * wg) + 2 * t4;
-  #pragma unroll
-            for (int j = 0; j < 8; ++j) atomic_add_f32x2(dst + 8 * j, acc_dq[4 * j + 2 * hh], acc_dq[4 * j + 2 * hh + 1]);
-          }
+        for (int j = 0; j < 8; ++j)
+          *reinterpret_cast<float4*>(sdq_warp + 4 * (32 * j + lane)) =
+              make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+        fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) {
+          bulk_reduce_add_f32(dq_tiles + m_block * dq_tile_stride + warp_off, base + Tr::kOffdQ + 4 * warp_off,
+                              4 * DqT::kWarpFloats);
+          bulk_commit();
         }
       }
     };
@@ -321,6 +356,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
 
   // Epilogue: dK (scaled) and dV through shared memory (the K / V tiles) for 16-byte stores.
+  if (compute_dq && lane == 0) bulk_wait<0>();  // the last dQ reduction is done with shared memory
   __syncthreads();  // every warpgroup is done reading sK, sV
   const float scale = p.softmax_scale;
 #pragma unroll
@@ -338,6 +374,40 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   bwd::store_tile<KTile, kThreads>(dk_ptr, smem_t, p.dk_row_stride, col0, s.seqlen_k, tid);
   bwd::store_tile<KTile, kThreads>(dv_ptr, smem_t + Tr::kOffV / 2, p.dv_row_stride, col0, s.seqlen_k, tid);
 #endif
+}
+
+// dq = scale * dq_accum from the tiled layout (DqTiles): one block per (query tile, batch, head), each
+// warp reading back its part of the chunk (512 contiguous bytes per j).
+template <typename Tr>
+__global__ void __launch_bounds__(256) flash_bwd_convert_dq_tiled_kernel(const FlashBwdParams p) {
+  using T = typename Tr::T;
+  using DqT = DqTiles<Tr::kBlockM, Tr::D>;
+  const int m = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
+  const SeqInfo s(p, b);
+  if (m * Tr::kBlockM >= s.seqlen_q) return;
+  const int part = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  const float* src = p.dq_accum + ((DqT::tile0(s, b, p.seqlen_q) + m) * p.num_heads_q + h) * DqT::kChunk +
+                     threadIdx.x / 32 * DqT::kWarpFloats + 4 * lane;
+  T* const dq = static_cast<T*>(p.dq) + s.tok(b, s.q_start, p.dq_batch_stride, p.dq_row_stride, h, p.dq_head_stride);
+  const int r0 = m * Tr::kBlockM + DqT::row(part, warp, lane, 0);  // rows r0 (values 0, 1) and r0 + 8 (2, 3)
+  const float sc = p.softmax_scale;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float4 v = *reinterpret_cast<const float4*>(src + 4 * 32 * j);
+    const int c = DqT::col(part, j, lane, 0);
+    if (r0 < s.seqlen_q)
+      *reinterpret_cast<uint32_t*>(dq + static_cast<int64_t>(r0) * p.dq_row_stride + c) = pack_float2<T>(v.x * sc, v.y * sc);
+    if (r0 + 8 < s.seqlen_q)
+      *reinterpret_cast<uint32_t*>(dq + static_cast<int64_t>(r0 + 8) * p.dq_row_stride + c) =
+          pack_float2<T>(v.z * sc, v.w * sc);
+  }
+}
+
+template <int D, typename T>
+void launch_convert_dq(const FlashBwdParams& p, cudaStream_t stream) {
+  using Tr = BwdTraits<D, T>;
+  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.batch, p.num_heads_q);
+  flash_bwd_convert_dq_tiled_kernel<Tr><<<grid, 256, 0, stream>>>(p);
 }
 
 // dK / dV (and dQ into dq_accum unless deterministic) on the Hopper path; returns false, launching

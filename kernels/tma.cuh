@@ -3,6 +3,7 @@
 //     SwizzledTile (mma.cuh / wgmma.cuh) and the host-side tensor map that describes the tensor;
 //   - mbarriers (transaction-counted "full" barriers that TMA completes, arrival-counted "empty"
 //     barriers that consumers release);
+//   - bulk reductions (cp.reduce.async.bulk) of fp32 shared memory into global memory;
 //   - named barriers (bar.sync / bar.arrive on ids 1..15) for turn-taking between warpgroups;
 //   - setmaxnreg (move registers from the producer warpgroup to the consumers).
 //
@@ -79,6 +80,27 @@ __device__ __forceinline__ void regs_dec() {
 template <int kRegs>
 __device__ __forceinline__ void regs_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+// ---- bulk reduction (TMA) ---------------------------------------------------------------------------
+
+// global[dst, dst + bytes) += shared[src, src + bytes) as fp32, by the copy engine (16-byte aligned,
+// bytes a multiple of 16). Completion is tracked in this thread's bulk groups (bulk_commit / bulk_wait*).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most kPending of this thread's bulk groups still read their shared-memory source.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+// Waits until at most kPending of this thread's bulk groups are incomplete (writes done).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // ---- TMA -----------------------------------------------------------------------------------------
