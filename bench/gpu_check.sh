@@ -95,7 +95,7 @@ for n, c in counts.items():
     if "flash_fwd_kernel" in n and "FwdTraitsILi128" in n and "__nv_bfloat16" in n:
         print("sass", n[:90], c)
 fwd = [c for n, c in counts.items() if "flash_fwd_kernel" in n]
-hopper = [c for n, c in counts.items() if "sm90" in n]
+hopper = [c for n, c in counts.items() if "sm90_kernel" in n]  # the attention kernels (not the dQ conversion)
 print(f"sass Hopper kernels: {len(hopper)}; all with HGMMA: {all(c['HGMMA'] for c in hopper)}; "
       f"any LDL/STL: {any(c['LDL'] or c['STL'] for c in hopper)}")
 print(f"sass fwd kernels: {len(fwd)}; all with HMMA/LDSM/LDGSTS: "
