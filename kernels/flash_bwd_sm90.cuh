@@ -106,6 +106,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using WgQ = Wgmma<64, T>;        // dQ: a 64 x 64 part
   static_assert(kBlockM * D == 128 * 64, "dQ splits into one 64 x 64 part per warpgroup");
   using DqT = DqTiles<kBlockM, D>;  // warpgroup g computes dQ part g (rows or columns 64g..)
+  // dV and dK stay in flight across the dS^T barrier and the dQ GEMM where registers allow (head dim
+  // 128: P^T and dS^T, their A operands, stay live); at head dim 64 they are waited for before the
+  // barrier, which then also frees the query stage (no "empty" mbarriers needed).
+  constexpr bool kOverlapDq = D == 128 && kComputeDq;
 
   extern __shared__ char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -200,11 +204,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   for (int i = 0; i < WgKV::kRegs; ++i) acc_dk[i] = acc_dv[i] = 0.f;
   const float scale_log2 = p.softmax_scale_log2;
 
-  // One block-wide barrier per iteration (dS^T exchange before dQ); the dV / dK GEMMs run on past it,
-  // beside dQ's. The query stage that iteration it + 1 loads was last read in iteration it - 1: its
-  // statistics before that iteration's barrier, Q / dO by GEMMs that each warp releases on the stage's
-  // "empty" mbarrier once they are done (thread 0 waits for all 8 before the TMA load). dS^T alternates
-  // between two buffers, so a warpgroup a phase ahead never overwrites what the other's dQ reads.
+  // One block-wide barrier per iteration (dS^T exchange before dQ). The query stage that iteration
+  // it + 1 loads was last read in iteration it - 1: its statistics before that iteration's barrier, Q /
+  // dO by GEMMs done before it too, except with kOverlapDq, where dV / dK run on past the barrier beside
+  // dQ's and each warp releases the stage on its "empty" mbarrier once they are done (warp 0 waits for
+  // all 8 before the TMA load). dS^T alternates between two buffers, so a warpgroup a phase ahead never
+  // overwrites what the other's dQ reads.
   int it = 0;
   for (int m_block = m_first; m_block < m_end; ++it) {
     const int stage = it & 1;
@@ -213,7 +218,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int m_next = tile(it + 1);
     mbar_wait(bar_full + 8 * stage, (it >> 1) & 1);  // this tile's Q / dO / stats are in
     if (m_next < m_end) {
-      if (tid == 0 && it >= 1) mbar_wait(bar_empty + 8 * (stage ^ 1), ((it - 1) >> 1) & 1);
+      // The whole of warp 0 waits: a lone spinning thread would leave the warp diverged at the
+      // warpgroup MMAs that follow (ptxas then serialises them, and .aligned needs convergence).
+      if (kOverlapDq && tid < 32 && it >= 1) mbar_wait(bar_empty + 8 * (stage ^ 1), ((it - 1) >> 1) & 1);
       load_query_tile(m_next, stage ^ 1);
     }
 
@@ -318,10 +325,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                   ds_a[kk][2 * half + hh];
             }
       }
-      // dV and dK stay in flight across the barrier and the dQ GEMM where registers allow (head dim
-      // 128: P^T and dS^T, their A operands, stay live); at head dim 64 they are waited for first.
-      constexpr bool kOverlapDq = D == 128;
-      if constexpr (!kOverlapDq || !kComputeDq) {
+      if constexpr (!kOverlapDq) {
         wgmma_wait<0>();
         fence_operand(acc_dv);
         fence_operand(acc_dk);
@@ -365,7 +369,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           bulk_commit();
         }
       }
-      mbar_arrive_if(bar_empty + 8 * stage, lane == 0);  // this warp's GEMMs are done with the stage
+      if constexpr (kOverlapDq) mbar_arrive_if(bar_empty + 8 * stage, lane == 0);  // this warp is done with the stage
     };
     // Two instances only where they pay (head dim 64 causal); elsewhere one, masking at run time
     // (two instances spill at head dim 128).
