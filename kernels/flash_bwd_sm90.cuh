@@ -96,7 +96,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using KTile = typename Tr::KTile;
   using QTile = typename Tr::QTile;
   using DSTile = typename Tr::DSTile;
-  using bwd::opaque;
   constexpr int D = Tr::D, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kDSteps = D / 16;      // k16 steps over the head dim (S^T, dP^T)
   constexpr int kMSteps = kBlockM / 16;  // k16 steps over the query tile (dV, dK)
