@@ -79,16 +79,13 @@ struct BwdTraits {
   static constexpr int kOffdS = kOffdO + 2 * QTile::kBytes;      // two dS^T buffers (by iteration parity)
   static constexpr int kOffdQ = kOffdS + 2 * DSTile::kBytes;     // this tile's dQ (fp32, DqTiles order)
   static constexpr int kOffStats = kOffdQ + 4 * kBlockM * D;     // lse [2][kBlockM], then rowsum(dO O)
-  static constexpr int kOffBar = kOffStats + 4 * kBlockM * 4;    // "full", then "empty" mbarrier of each query stage
-  static constexpr int kOffCount = kOffBar + 32;                 // block-sparse: kept query tiles
+  static constexpr int kOffBar = kOffStats + 4 * kBlockM * 4;    // "full" mbarrier of each query stage
+  static constexpr int kOffCount = kOffBar + 16;                 // block-sparse: kept query tiles
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: the mask column, then the kept-tile list
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask column and list)
 };
 
-// kComputeDq: dQ into dq_accum as well (false in the deterministic mode, where flash_bwd_dq_kernel
-// computes dQ; a template parameter, since a run-time branch there makes ptxas wait for the dV / dK
-// GEMMs before it).
-template <typename Tr, bool kIsCausal, bool kComputeDq>
+template <typename Tr, bool kIsCausal>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_dkdv_sm90_kernel(const FlashBwdParams p, const __grid_constant__ QdoMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -96,6 +93,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using KTile = typename Tr::KTile;
   using QTile = typename Tr::QTile;
   using DSTile = typename Tr::DSTile;
+  using bwd::opaque;
   constexpr int D = Tr::D, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kDSteps = D / 16;      // k16 steps over the head dim (S^T, dP^T)
   constexpr int kMSteps = kBlockM / 16;  // k16 steps over the query tile (dV, dK)
@@ -105,16 +103,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using WgQ = Wgmma<64, T>;        // dQ: a 64 x 64 part
   static_assert(kBlockM * D == 128 * 64, "dQ splits into one 64 x 64 part per warpgroup");
   using DqT = DqTiles<kBlockM, D>;  // warpgroup g computes dQ part g (rows or columns 64g..)
-  // dV and dK stay in flight across the dS^T barrier and the dQ GEMM where registers allow (head dim
-  // 128: P^T and dS^T, their A operands, stay live); at head dim 64 they are waited for before the
-  // barrier, which then also frees the query stage (no "empty" mbarriers needed).
-  constexpr bool kOverlapDq = D == 128 && kComputeDq;
 
   extern __shared__ char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   char* const smem = smem_raw + (base - smem_u32(smem_raw));
   const uint32_t sK = base, sV = base + Tr::kOffV, sQ0 = base + Tr::kOffQ, sdO0 = base + Tr::kOffdO;
-  const uint32_t sdS0 = base + Tr::kOffdS, bar_full = base + Tr::kOffBar, bar_empty = bar_full + 16;
+  const uint32_t sdS0 = base + Tr::kOffdS, bar_full = base + Tr::kOffBar;
   float* const sLse = reinterpret_cast<float*>(smem + Tr::kOffStats);  // [2][kBlockM]
   float* const sDsum = sLse + 2 * kBlockM;                             // [2][kBlockM]
 
@@ -158,6 +152,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // This block's chunk of query tile m is dq_tiles + m x dq_tile_stride (DqTiles).
   float* const dq_tiles = p.dq_accum + (DqT::tile0(s, b, p.seqlen_q) * p.num_heads_q + h) * DqT::kChunk;
   const int64_t dq_tile_stride = static_cast<int64_t>(p.num_heads_q) * DqT::kChunk;
+  const bool compute_dq = !p.deterministic;
 
   // Prologue: K, V (cp.async, all threads) and the first query tile. A query tile is Q and dO by TMA
   // (thread 0) plus the row statistics by cp.async (threads < kBlockM), all completing on the stage's
@@ -166,8 +161,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (tid == 0) {
     mbar_init(bar_full, 1 + kThreads);
     mbar_init(bar_full + 8, 1 + kThreads);
-    mbar_init(bar_empty, kThreads / 32);  // one arrival per warp when its GEMMs have read the stage
-    mbar_init(bar_empty + 8, kThreads / 32);
     mbar_init_fence();
   }
   __syncthreads();
@@ -204,11 +197,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const float scale_log2 = p.softmax_scale_log2;
 
   // One block-wide barrier per iteration (dS^T exchange before dQ). The query stage that iteration
-  // it + 1 loads was last read in iteration it - 1: its statistics before that iteration's barrier, Q /
-  // dO by GEMMs done before it too, except with kOverlapDq, where dV / dK run on past the barrier beside
-  // dQ's and each warp releases the stage on its "empty" mbarrier once they are done (warp 0 waits for
-  // all 8 before the TMA load). dS^T alternates between two buffers, so a warpgroup a phase ahead never
-  // overwrites what the other's dQ reads.
+  // it + 1 loads was last read in iteration it - 1, before that iteration's barrier; dS^T alternates
+  // between two buffers, so a warpgroup a phase ahead never overwrites what the other's dQ reads.
   int it = 0;
   for (int m_block = m_first; m_block < m_end; ++it) {
     const int stage = it & 1;
@@ -216,12 +206,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const int row0 = m_block * kBlockM;
     const int m_next = tile(it + 1);
     mbar_wait(bar_full + 8 * stage, (it >> 1) & 1);  // this tile's Q / dO / stats are in
-    if (m_next < m_end) {
-      // The whole of warp 0 waits: a lone spinning thread would leave the warp diverged at the
-      // warpgroup MMAs that follow (ptxas then serialises them, and .aligned needs convergence).
-      if (kOverlapDq && tid < 32 && it >= 1) mbar_wait(bar_empty + 8 * (stage ^ 1), ((it - 1) >> 1) & 1);
-      load_query_tile(m_next, stage ^ 1);
-    }
+    if (m_next < m_end) load_query_tile(m_next, stage ^ 1);
 
     // One query tile; kMasked: the tile may need the causal / sequence-end mask (need_mask says).
     const bool need_mask = col0 + kBlockN > s.seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
@@ -311,7 +296,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         WgKV::template rs<1>(acc_dk, ds_a[kk], smem_desc(sQ + kk * 16 * 128, QTile::kBlockBytes, 1024));
       wgmma_commit();
 
-      if constexpr (kComputeDq) {
+      if (compute_dq) {
         // dS^T to shared memory: element (key, query) at DSTile (row key, column query).
   #pragma unroll
         for (int kk = 0; kk < kMSteps; ++kk)
@@ -324,16 +309,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                   ds_a[kk][2 * half + hh];
             }
       }
-      if constexpr (!kOverlapDq) {
-        wgmma_wait<0>();
-        fence_operand(acc_dv);
-        fence_operand(acc_dk);
-      }
-      if constexpr (!kComputeDq) __syncthreads();  // the iteration's barrier (both are done with the statistics)
-      if constexpr (kComputeDq) {
+      wgmma_wait<0>();
+      fence_operand(acc_dv);
+      fence_operand(acc_dk);
+      if (!compute_dq) __syncthreads();  // the iteration's barrier (both are done with this stage)
+      if (compute_dq) {
         fence_proxy_async();
         if (lane == 0) bulk_wait_read<0>();  // the previous tile's dQ has left shared memory
-        __syncthreads();  // both warpgroups' dS^T are in shared memory; both are done with the statistics
+        __syncthreads();  // both warpgroups' dS^T are in shared memory; both are done with this stage
         // dQ part of this warpgroup = dS K: A = dS (M-major view of dS^T), B = K (MN-major), k16 step
         // = 16 keys.
         const uint32_t a_start = sdS + (DqT::kByRows ? wg * DSTile::kBlockBytes : 0);
@@ -347,10 +330,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         wgmma_commit();
         wgmma_wait<0>();
         fence_operand(acc_dq);
-        if constexpr (kOverlapDq) {
-          fence_operand(acc_dv);
-          fence_operand(acc_dk);
-        }
         // This warp's 32 x 32 values to shared memory in DqTiles order, then one bulk reduce-add of
         // them into the tile's chunk of dq_accum (the copy engine does the fp32 additions; rows past the
         // sequence's end land in its own padding tile, which the conversion skips).
@@ -368,7 +347,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           bulk_commit();
         }
       }
-      if constexpr (kOverlapDq) mbar_arrive_if(bar_empty + 8 * stage, lane == 0);  // this warp is done with the stage
     };
     // Two instances only where they pay (head dim 64 causal); elsewhere one, masking at run time
     // (two instances spill at head dim 128).
@@ -378,7 +356,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
 
   // Epilogue: dK (scaled) and dV through shared memory (the K / V tiles) for 16-byte stores.
-  if (kComputeDq && lane == 0) bulk_wait<0>();  // the last dQ reduction is done with shared memory
+  if (compute_dq && lane == 0) bulk_wait<0>();  // the last dQ reduction is done with shared memory
   __syncthreads();  // every warpgroup is done reading sK, sV
   const float scale = p.softmax_scale;
 #pragma unroll
@@ -437,7 +415,8 @@ void launch_convert_dq(const FlashBwdParams& p, cudaStream_t stream) {
 template <int D, typename T, bool kIsCausal>
 bool launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<D, T>;
-  static const bool available = has_sm90_code(flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal, true>);
+  auto kernel = flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal>;
+  static const bool available = has_sm90_code(kernel);
   if (!available) return false;
   QdoMaps maps;
   const bool bf16 = TypeTraits<T>::kIsBf16;
@@ -452,8 +431,6 @@ bool launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
                                                        2 * ((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM)
                                                  : 0;
   const int smem = Tr::kSmemBytes + mask_bytes;
-  auto kernel = p.deterministic ? flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal, false>
-                                : flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal, true>;
   bwd::set_smem(kernel, smem);
   const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.num_heads_q);
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, maps);

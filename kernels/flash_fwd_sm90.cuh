@@ -1,10 +1,7 @@
 // FlashAttention forward, Hopper path (sm_90a): TMA + mbarriers + warp-specialised wgmma.
 //
-// Same mathematics and outputs as flash_fwd_kernel (flash_fwd.cuh). Work comes in tiles of
-// (kBlockM = 128 query rows, head, batch); the grid is persistent (one block per SM, block x takes
-// tiles x, x + gridDim.x, ...: the next tile's Q and K / V load while this one's last GEMMs and
-// epilogue run), except block-sparse, one tile per block (staging the mask line takes the whole block).
-// Three warpgroups:
+// Same mathematics and outputs as flash_fwd_kernel (flash_fwd.cuh). One thread block per
+// (kBlockM = 128 query rows, head, batch) and three warpgroups:
 //   producer   (warpgroup 0, 24 registers): one thread issues the TMA loads of the Q tile and of the
 //              K / V tiles into kStages-deep shared-memory rings; "full" mbarriers count the bytes
 //              in, "empty" mbarriers count the consumer warps done with a slot;
@@ -16,8 +13,7 @@
 // then waits for both and runs the online softmax of S(i) (P(i), rescale of O) on the CUDA cores.
 // The two consumers take GEMM turns in strict alternation (named barriers 1 and 2, "ping-pong"), so
 // one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores; no block-wide
-// barrier sits in the loop, and the turns run on from one tile to the next. Dropout stays on the
-// stage-1 kernel.
+// barrier sits in the loop. Dropout stays on the stage-1 kernel.
 //
 // Included by flash_fwd.cuh (after TileLoader, before run_flash_fwd_hdim), not on its own.
 #pragma once
@@ -44,13 +40,11 @@ struct FwdTraits {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   using QTile = SwizzledTile<kBlockM, D>;
   using KTile = SwizzledTile<kBlockN, D>;
-  // Byte offsets from the 1024-aligned base: Q, O (the epilogue's staging, so that the next tile's Q
-  // can load during it), K ring, V ring, mbarriers, the block-sparse mask row.
-  static constexpr int kOffO = QTile::kBytes;
-  static constexpr int kOffK = 2 * QTile::kBytes;
+  // Byte offsets from the 1024-aligned base: Q, K ring, V ring, mbarriers, the block-sparse mask row.
+  static constexpr int kOffK = QTile::kBytes;
   static constexpr int kOffV = kOffK + kStages * KTile::kBytes;
-  static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;  // full Q, empty Q, full K, full V, empty K, empty V
-  static constexpr int kOffCount = kOffBar + 8 * (2 + 4 * kStages);  // block-sparse: kept tiles
+  static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;  // Q, then full K, full V, empty K, empty V
+  static constexpr int kOffCount = kOffBar + 8 * (1 + 4 * kStages);  // block-sparse: kept tiles
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: the mask row, then the kept-tile list
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask row and list)
 };
@@ -73,90 +67,73 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   char* const smem = smem_raw + (base - smem_u32(smem_raw));
   const uint32_t sQ = base, sK0 = base + Tr::kOffK, sV0 = base + Tr::kOffV, bars = base + Tr::kOffBar;
-  const uint32_t full_q = bars, empty_q = bars + 8;
-  auto full_k = [&](int st) { return bars + 8 * (2 + st); };
-  auto full_v = [&](int st) { return bars + 8 * (2 + kStages + st); };
-  auto empty_k = [&](int st) { return bars + 8 * (2 + 2 * kStages + st); };
-  auto empty_v = [&](int st) { return bars + 8 * (2 + 3 * kStages + st); };
+  const uint32_t bar_q = bars;
+  auto full_k = [&](int st) { return bars + 8 * (1 + st); };
+  auto full_v = [&](int st) { return bars + 8 * (1 + kStages + st); };
+  auto empty_k = [&](int st) { return bars + 8 * (1 + 2 * kStages + st); };
+  auto empty_v = [&](int st) { return bars + 8 * (1 + 3 * kStages + st); };
+
+  // Heaviest (causal) query tiles first so the tail of the grid is short.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x;
 
-  // Tile t: query tile m_block (heaviest causal tiles of a head first) of head h of sequence b; the
-  // tiles of one head are consecutive, so the blocks running at once share K / V in L2.
-  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int num_tiles = num_m * p.num_heads_q * p.batch;
-  struct Tile {
-    SeqInfo s;
-    int m_block, h, b, row0, n_block_max;  // n_block_max: key tiles up to the last visible one
-    __device__ Tile(const FlashFwdParams& p, int t, int num_m)
-        : s(p, t / num_m / p.num_heads_q), m_block(num_m - 1 - t % num_m), h(t / num_m % p.num_heads_q),
-          b(t / num_m / p.num_heads_q), row0(m_block * kBlockM) {
-      const int diag = s.seqlen_k - s.seqlen_q;  // query i sees keys j <= i + diag (causal)
-      n_block_max = (s.seqlen_k + kBlockN - 1) / kBlockN;
-      if (kIsCausal) {
-        const int last_key = min(row0 + kBlockM, s.seqlen_q) + diag;  // one past the last visible key
-        n_block_max = min(n_block_max, last_key <= 0 ? 0 : (last_key + kBlockN - 1) / kBlockN);
-      }
-    }
-  };
-  const int tile_stride = kSparse ? num_tiles : gridDim.x;  // block-sparse: this block's tile only
+  const SeqInfo s(p, b);
+  const int seqlen_q = s.seqlen_q, seqlen_k = s.seqlen_k;
+  const int row0 = m_block * kBlockM;
+  if (row0 >= seqlen_q) return;
+  const int hk = h / (p.num_heads_q / p.num_heads_k);
 
+  const int diag = seqlen_k - seqlen_q;  // query i sees keys j <= i + diag (causal)
+  int n_block_max = (seqlen_k + kBlockN - 1) / kBlockN;
+  if (kIsCausal) {
+    const int last_key = min(row0 + kBlockM, seqlen_q) + diag;  // one past the last visible key
+    n_block_max = min(n_block_max, last_key <= 0 ? 0 : (last_key + kBlockN - 1) / kBlockN);
+  }
   if (tid == 0) {
-    mbar_init(full_q, 1);
-    mbar_init(empty_q, 4 * kConsumers);  // lane 0 of every consumer warp, after its last S of a tile
+    mbar_init(bar_q, 1);
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(full_k(st), 1);
       mbar_init(full_v(st), 1);
-      mbar_init(empty_k(st), 4 * kConsumers);
+      mbar_init(empty_k(st), 4 * kConsumers);  // lane 0 of every consumer warp
       mbar_init(empty_v(st), 4 * kConsumers);
     }
     mbar_init_fence();
   }
   // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited. The block's mask row
   // is staged in shared memory and compacted into a descending list of kept tiles, which producer and
-  // consumers read by visit index; dense: visit i is key tile n_block_max - 1 - i.
+  // consumers read by visit index; dense: tile(i) = n_block_max - 1 - i.
   int16_t* const tile_list = reinterpret_cast<int16_t*>(smem + Tr::kOffMask + (p.block_mask_cols + 15) / 16 * 16);
   int* const tile_count = reinterpret_cast<int*>(smem + Tr::kOffCount);
   if constexpr (kSparse) {
-    const Tile w(p, blockIdx.x, num_m);
-    if (w.row0 < w.s.seqlen_q) {
-      stage_mask_line<kBlockN, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask),
-                                         mask_row<kBlockN>(p, w.b, w.h, w.row0), w.n_block_max, tid);
-      __syncthreads();
-      if (tid < 32) {
-        const int count = compact_kept_desc(tile_list, base + Tr::kOffMask, w.n_block_max, tid);
-        if (tid == 0) *tile_count = count;
-      }
+    stage_mask_line<kBlockN, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask), mask_row<kBlockN>(p, b, h, row0),
+                                       n_block_max, tid);
+    __syncthreads();
+    if (tid < 32) {
+      const int count = compact_kept_desc(tile_list, base + Tr::kOffMask, n_block_max, tid);
+      if (tid == 0) *tile_count = count;
     }
   }
   __syncthreads();
-  auto num_visits = [&](const Tile& w) { return kSparse ? *tile_count : w.n_block_max; };
-  auto key_tile = [&](const Tile& w, int i) {  // the key tile of visit i of tile w, or -1 past the last
-    if constexpr (kSparse) return i < *tile_count ? static_cast<int>(tile_list[i]) : -1;
-    else return i < w.n_block_max ? w.n_block_max - 1 - i : -1;
+  const int n_visits = kSparse ? *tile_count : n_block_max;
+  auto tile = [&](int i) {  // the key tile of visit i, or -1 past the last
+    if constexpr (kSparse) return i < n_visits ? static_cast<int>(tile_list[i]) : -1;
+    else return i < n_visits ? n_block_max - 1 - i : -1;
   };
+  const int n_first = tile(0);
   const int wg = tid / 128;
 
-  // Both roles walk the same tiles and count the same loads: `loads` Q tiles (those with a visit) and
-  // `visits` K / V ring slots so far; slot v is stage v % kStages in round v / kStages.
   if (wg == 0) {  // producer
     regs_dec<Tr::kProducerRegs>();
-    if (tid != 0) return;
-    int loads = 0, visits = 0;
-    for (int t = blockIdx.x; t < num_tiles; t += tile_stride) {
-      const Tile w(p, t, num_m);
-      const int n_visits = num_visits(w);
-      if (w.row0 >= w.s.seqlen_q || n_visits == 0) continue;
+    if (tid == 0 && n_first >= 0) {
       // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
-      const int tb = w.s.varlen ? 0 : w.b, k_row = w.s.varlen ? w.s.k_start : 0;
-      const int hk = w.h / (p.num_heads_q / p.num_heads_k);
-      if (loads > 0) mbar_wait(empty_q, (loads - 1) & 1);  // the previous tile's last S GEMMs are done
-      mbar_arrive_expect_tx(full_q, QTile::kBytes);
-      tma_load_tile<QTile>(sQ, &maps.q, full_q, (w.s.varlen ? w.s.q_start : 0) + w.row0, w.h, tb);
-      ++loads;
-      for (int i = 0; i < n_visits; ++i, ++visits) {
-        const int n = key_tile(w, i), st = visits % kStages;
-        const uint32_t free_parity = ((visits / kStages) & 1) ^ 1;  // round 0 finds every slot free
+      const int tb = s.varlen ? 0 : b, q_row = (s.varlen ? s.q_start : 0) + row0, k_row = s.varlen ? s.k_start : 0;
+      mbar_arrive_expect_tx(bar_q, QTile::kBytes);
+      tma_load_tile<QTile>(sQ, &maps.q, bar_q, q_row, h, tb);
+      for (int i = 0, n = n_first; n >= 0; n = tile(++i)) {
+        const int st = i % kStages;
+        const uint32_t free_parity = ((i / kStages) & 1) ^ 1;  // round 0 finds every slot free
         mbar_wait(empty_k(st), free_parity);
         mbar_arrive_expect_tx(full_k(st), KTile::kBytes);
         tma_load_tile<KTile>(sK0 + st * KTile::kBytes, &maps.k, full_k(st), k_row + n * kBlockN, hk, tb);
@@ -169,215 +146,192 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
   regs_inc<Tr::kConsumerRegs>();
 
-  // Consumer c: rows 64 c .. 64 c + 63 of each tile. Thread coordinates in the warpgroup's m64
+  // Consumer c: rows 64 c .. 64 c + 63 of the tile. Thread coordinates in the warpgroup's m64
   // accumulators (wgmma.cuh): rows 16 warp + g (+8).
   const int c = wg - 1, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int row_in_tile = 64 * c + 16 * warp + g;  // this thread's first row (the second is +8)
   const int my_turn = 1 + c, next_turn = 1 + (c + 1) % kConsumers;  // named barrier ids
   const float scale_log2 = p.softmax_scale_log2;
-  // The turns run on across tiles: consumer 0 takes the first one, every turn hands over to the next
-  // consumer, and consumer 0 takes the last hand-over at the end, so every turn barrier ends balanced.
-  if (c == kConsumers - 1) named_arrive(1, kTurnThreads);
 
-  int loads = 0, visits = 0;
-  for (int t = blockIdx.x; t < num_tiles; t += tile_stride) {
-    const Tile w(p, t, num_m);
-    const int seqlen_k = w.s.seqlen_k, row0 = w.row0;
-    if (row0 >= w.s.seqlen_q) continue;
-    const int diag = seqlen_k - w.s.seqlen_q;
-    const int n_visits = num_visits(w);
-
-    float acc_o[WgO::kRegs];
+  float acc_o[WgO::kRegs];
 #pragma unroll
-    for (int i = 0; i < WgO::kRegs; ++i) acc_o[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in log2 units
-    // P(i) as the A operand of the next turn's P V, in two register sets by the parity of i (the loop
-    // is unrolled by two): P(i) is packed while P(i-1) V(i-1) still reads the other set.
-    uint32_t p_a[2][kNSteps][4];
+  for (int i = 0; i < WgO::kRegs; ++i) acc_o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in log2 units
+  // P(i) as the A operand of the next turn's P V, in two register sets by the parity of i (the loop is
+  // unrolled by two): P(i) is packed while P(i-1) V(i-1) still reads the other set.
+  uint32_t p_a[2][kNSteps][4];
 
-    auto issue_s = [&](float (&acc_s)[WgS::kRegs], int st) {  // S = Q_c K^T
+  auto issue_s = [&](float (&acc_s)[WgS::kRegs], int st) {  // S = Q_c K^T
 #pragma unroll
-      for (int kk = 0; kk < kDSteps; ++kk) {
-        const uint32_t a_off = (kk / 4) * QTile::kBlockBytes + 64 * c * 128 + (kk % 4) * 32;
-        const uint32_t b_off = (kk / 4) * KTile::kBlockBytes + (kk % 4) * 32;
-        WgS::template ss<0, 0>(acc_s, smem_desc(sQ + a_off, 16, 1024),
-                               smem_desc(sK0 + st * KTile::kBytes + b_off, 16, 1024), kk);
+    for (int kk = 0; kk < kDSteps; ++kk) {
+      const uint32_t a_off = (kk / 4) * QTile::kBlockBytes + 64 * c * 128 + (kk % 4) * 32;
+      const uint32_t b_off = (kk / 4) * KTile::kBlockBytes + (kk % 4) * 32;
+      WgS::template ss<0, 0>(acc_s, smem_desc(sQ + a_off, 16, 1024),
+                             smem_desc(sK0 + st * KTile::kBytes + b_off, 16, 1024), kk);
+    }
+    wgmma_commit();
+  };
+  auto issue_pv = [&](const uint32_t (&p)[kNSteps][4], int st) {  // O += P V (B = V, MN-major: k16 = 16 keys)
+    const uint32_t sV = sV0 + st * KTile::kBytes;
+#pragma unroll
+    for (int kk = 0; kk < kNSteps; ++kk)
+      WgO::template rs<1>(acc_o, p[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
+    wgmma_commit();
+  };
+  // Scores of key tile n_block in log2 units, hidden keys (past the end, causal) at -inf, then the
+  // online softmax: new row max, P = exp2(s - max) in place, running sum; corr = the factor for O.
+  // Branch-free (a select against each row's key limit): control flow here would make ptxas wait
+  // for the P V in flight first.
+  auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2]) {
+    const int col0 = n_block * kBlockN;
+    const bool need_mask = col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
+    int key_limit[2];  // visible: 8 j + (e % 2) < key_limit (keys relative to col0 + 2 t4)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = row0 + row_in_tile + 8 * hh;
+      const int limit = kIsCausal ? min(seqlen_k, row + diag + 1) : seqlen_k;
+      key_limit[hh] = need_mask ? limit - col0 - 2 * t4 : kBlockN;
+    }
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float sv = acc_s[4 * j + e] * scale_log2;
+        acc_s[4 * j + e] = 8 * j + (e % 2) < key_limit[e / 2] ? sv : -INFINITY;
       }
-      wgmma_commit();
-    };
-    auto issue_pv = [&](const uint32_t (&pa)[kNSteps][4], int st) {  // O += P V (B = V, MN-major: k16 = 16 keys)
-      const uint32_t sV = sV0 + st * KTile::kBytes;
 #pragma unroll
-      for (int kk = 0; kk < kNSteps; ++kk)
-        WgO::template rs<1>(acc_o, pa[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
-      wgmma_commit();
-    };
-    // Scores of key tile n_block in log2 units, hidden keys (past the end, causal) at -inf, then the
-    // online softmax: new row max, P = exp2(s - max) in place, running sum; corr = the factor for O.
-    // Branch-free (a select against each row's key limit): control flow here would make ptxas wait
-    // for the P V in flight first.
-    auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2]) {
-      const int col0 = n_block * kBlockN;
-      const bool need_mask = col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
-      int key_limit[2];  // visible: 8 j + (e % 2) < key_limit (keys relative to col0 + 2 t4)
+    for (int hh = 0; hh < 2; ++hh) {
+      float mx = row_max[hh];
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = row0 + row_in_tile + 8 * hh;
-        const int limit = kIsCausal ? min(seqlen_k, row + diag + 1) : seqlen_k;
-        key_limit[hh] = need_mask ? limit - col0 - 2 * t4 : kBlockN;
-      }
+      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * hh], acc_s[4 * j + 2 * hh + 1]));
+      mx = quad_max(mx);
+      const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
+      corr[hh] = fast_exp2(row_max[hh] - ref);       // exp2(-inf) = 0 on the first tile
+      row_max[hh] = mx;
+      float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float sv = acc_s[4 * j + e] * scale_log2;
-          acc_s[4 * j + e] = 8 * j + (e % 2) < key_limit[e / 2] ? sv : -INFINITY;
+        for (int e = 0; e < 2; ++e) {
+          const float pv = fast_exp2(acc_s[4 * j + 2 * hh + e] - ref);
+          acc_s[4 * j + 2 * hh + e] = pv;
+          sum += pv;
         }
+      row_sum[hh] = row_sum[hh] * corr[hh] + sum;
+    }
+  };
+  auto pack_p = [&](const float (&acc_s)[WgS::kRegs], uint32_t (&p)[kNSteps][4]) {
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        float mx = row_max[hh];
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * hh], acc_s[4 * j + 2 * hh + 1]));
-        mx = quad_max(mx);
-        const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
-        corr[hh] = fast_exp2(row_max[hh] - ref);       // exp2(-inf) = 0 on the first tile
-        row_max[hh] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float pv = fast_exp2(acc_s[4 * j + 2 * hh + e] - ref);
-            acc_s[4 * j + 2 * hh + e] = pv;
-            sum += pv;
-          }
-        row_sum[hh] = row_sum[hh] * corr[hh] + sum;
-      }
-    };
-    auto pack_p = [&](const float (&acc_s)[WgS::kRegs], uint32_t (&pa)[kNSteps][4]) {
-#pragma unroll
-      for (int kk = 0; kk < kNSteps; ++kk) {
-        pa[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-        pa[kk][1] = pack_float2<T>(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-        pa[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-        pa[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
-      }
-    };
+    for (int kk = 0; kk < kNSteps; ++kk) {
+      p[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
+      p[kk][1] = pack_float2<T>(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
+      p[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
+      p[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
+    }
+  };
 
-    if (n_visits > 0) {
-      mbar_wait(full_q, loads & 1);
-      ++loads;
-      float corr[2];
-      {  // visit 0: S only
-        const int st = visits % kStages;
-        float acc_s[WgS::kRegs];
-        mbar_wait(full_k(st), (visits / kStages) & 1);
-        named_sync(my_turn, kTurnThreads);
-        wgmma_fence();
-        issue_s(acc_s, st);
-        named_arrive(next_turn, kTurnThreads);
-        wgmma_wait<0>();
-        fence_operand(acc_s);
-        if (lane == 0) mbar_arrive(empty_k(st));
-        softmax(acc_s, key_tile(w, 0), corr);
-        pack_p(acc_s, p_a[0]);  // O is still 0: no correction
-      }
-      // Visit i >= 1 (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
-      // P(i-1) V(i-1) (set kSet ^ 1), the softmax of S(i) runs while P V does, P(i) goes to set kSet,
-      // then O's correction.
-      auto iteration = [&](auto set, int v, int n_block) {
-        constexpr int kSet = decltype(set)::value;
-        const int st = v % kStages, st_prev = (v - 1) % kStages;
-        mbar_wait(full_k(st), (v / kStages) & 1);
-        mbar_wait(full_v(st_prev), ((v - 1) / kStages) & 1);
-        named_sync(my_turn, kTurnThreads);
-        float acc_s[WgS::kRegs];
-        wgmma_fence();
-        issue_s(acc_s, st);
-        issue_pv(p_a[kSet ^ 1], st_prev);
-        named_arrive(next_turn, kTurnThreads);
-        wgmma_wait<1>();  // S(i) done
-        fence_operand(acc_s);
-        softmax(acc_s, n_block, corr);
-        pack_p(acc_s, p_a[kSet]);
-        fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
-        // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
-        // early as its operands allow; a predicate that reads the row sums (never negative, so it is
-        // lane == 0) holds both behind the whole softmax.
-        mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
-        wgmma_wait<0>();           // O now holds every tile before this one
-        fence_operand(acc_o);
-        fence_operand(p_a[kSet ^ 1]);
-        mbar_arrive_if(empty_v(st_prev), lane == 0);
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            acc_o[4 * j + 2 * hh] *= corr[hh];
-            acc_o[4 * j + 2 * hh + 1] *= corr[hh];
-          }
-      };
-      int i = 1;
-      for (int n_block = key_tile(w, 1); n_block >= 0;) {
-        iteration(std::integral_constant<int, 1>{}, visits + i, n_block);
-        n_block = key_tile(w, ++i);
-        if (n_block < 0) break;
-        iteration(std::integral_constant<int, 0>{}, visits + i, n_block);
-        n_block = key_tile(w, ++i);
-      }
-      if (lane == 0) mbar_arrive(empty_q);  // this warpgroup's S GEMMs are done with Q
-      // The last visit's P V, in a turn of its own.
-      const int v_last = visits + i - 1, st_prev = v_last % kStages;
-      mbar_wait(full_v(st_prev), (v_last / kStages) & 1);
+  if (n_first >= 0) {
+    mbar_wait(bar_q, 0);
+    if (c == kConsumers - 1) named_arrive(1, kTurnThreads);  // consumer 0 takes the first turn
+    float corr[2];
+    {  // tile 0: S only
+      float acc_s[WgS::kRegs];
+      mbar_wait(full_k(0), 0);
       named_sync(my_turn, kTurnThreads);
       wgmma_fence();
-      if ((i - 1) % 2) issue_pv(p_a[1], st_prev);
-      else issue_pv(p_a[0], st_prev);
+      issue_s(acc_s, 0);
       named_arrive(next_turn, kTurnThreads);
       wgmma_wait<0>();
+      fence_operand(acc_s);
+      if (lane == 0) mbar_arrive(empty_k(0));
+      softmax(acc_s, n_first, corr);
+      pack_p(acc_s, p_a[0]);  // O is still 0: no correction
+    }
+    // Iteration i >= 1 (tile n_block): one turn issues S(i) and P(i-1) V(i-1) (set kSet ^ 1), the
+    // softmax of S(i) runs while P V does, P(i) goes to set kSet, then O's correction.
+    auto iteration = [&](auto set, int i, int n_block) {
+      constexpr int kSet = decltype(set)::value;
+      const int st = i % kStages, st_prev = (i - 1) % kStages;
+      mbar_wait(full_k(st), (i / kStages) & 1);
+      mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
+      named_sync(my_turn, kTurnThreads);
+      float acc_s[WgS::kRegs];
+      wgmma_fence();
+      issue_s(acc_s, st);
+      issue_pv(p_a[kSet ^ 1], st_prev);
+      named_arrive(next_turn, kTurnThreads);
+      wgmma_wait<1>();  // S(i) done
+      fence_operand(acc_s);
+      softmax(acc_s, n_block, corr);
+      pack_p(acc_s, p_a[kSet]);
+      fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
+      // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
+      // early as its operands allow; a predicate that reads the row sums (never negative, so it is
+      // lane == 0) holds both behind the whole softmax.
+      mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
+      wgmma_wait<0>();           // O now holds every tile before this one
       fence_operand(acc_o);
-      if (lane == 0) mbar_arrive(empty_v(st_prev));
-      visits += n_visits;
+      fence_operand(p_a[kSet ^ 1]);
+      mbar_arrive_if(empty_v(st_prev), lane == 0);
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          acc_o[4 * j + 2 * hh] *= corr[hh];
+          acc_o[4 * j + 2 * hh + 1] *= corr[hh];
+        }
+    };
+    int i = 1;
+    for (int n_block = tile(1); n_block >= 0;) {
+      iteration(std::integral_constant<int, 1>{}, i, n_block);
+      n_block = tile(++i);
+      if (n_block < 0) break;
+      iteration(std::integral_constant<int, 0>{}, i, n_block);
+      n_block = tile(++i);
     }
+    // The last tile's P V, in a turn of its own.
+    const int st_prev = (i - 1) % kStages;
+    mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
+    named_sync(my_turn, kTurnThreads);
+    wgmma_fence();
+    if ((i - 1) % 2) issue_pv(p_a[1], st_prev);
+    else issue_pv(p_a[0], st_prev);
+    // The last consumer's hand-over would have no taker: every turn barrier is left balanced.
+    if (c != kConsumers - 1) named_arrive(next_turn, kTurnThreads);
+    wgmma_wait<0>();
+    fence_operand(acc_o);
+  }
 
-    // Epilogue: normalise, write LSE, stage O in this consumer's rows of the O buffer for 16-byte
-    // stores (the barrier first: the previous tile's stores from these rows are done). The tile's
-    // coordinates and this thread's staging addresses are derived again from opaque indices: the
-    // compiler would otherwise hoist them out of the tile loop and hold them through the main loop.
-    const Tile we(p, opaque(t), num_m);
-    const int et = opaque(tid % 128), e_t4 = et % 4, e_row = 64 * c + 16 * (et / 32) + (et % 32) / 4;
-    const int seqlen_q = we.s.seqlen_q;
-    T* o_ptr = static_cast<T*>(p.o) + we.s.tok(we.b, we.s.q_start, p.o_batch_stride, p.o_row_stride, we.h, p.o_head_stride);
-    float* lse_ptr = p.lse + we.b * p.lse_batch_stride + we.h * p.lse_head_stride + we.s.q_start;
-    T* const sO = reinterpret_cast<T*>(smem + Tr::kOffO);
-    named_sync(1 + kConsumers + c, 128);
+  // Epilogue: normalise, write LSE, stage O through this consumer's rows of the Q tile (no other
+  // warpgroup reads them) for 16-byte stores.
+  T* o_ptr = static_cast<T*>(p.o) + s.tok(b, s.q_start, p.o_batch_stride, p.o_row_stride, h, p.o_head_stride);
+  float* lse_ptr = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
+  T* const sO = reinterpret_cast<T*>(smem);
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const float l = quad_sum(row_sum[hh]);
-      const bool empty = !(l > 0.f);
-      const float inv = empty ? 0.f : 1.f / l;
-      const int r = e_row + 8 * hh;
-      if (e_t4 == 0 && we.row0 + r < seqlen_q)
-        lse_ptr[we.row0 + r] = empty ? -INFINITY : (row_max[hh] + __log2f(l)) * 0.69314718055994531f;
+  for (int hh = 0; hh < 2; ++hh) {
+    const float l = quad_sum(row_sum[hh]);
+    const bool empty = !(l > 0.f);
+    const float inv = empty ? 0.f : 1.f / l;
+    const int r = row_in_tile + 8 * hh;
+    if (t4 == 0 && row0 + r < seqlen_q)
+      lse_ptr[row0 + r] = empty ? -INFINITY : (row_max[hh] + __log2f(l)) * 0.69314718055994531f;
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        const int col = 8 * j + 2 * e_t4;
-        *reinterpret_cast<uint32_t*>(sO + QTile::offset(r, col) + (col & 7)) =
-            pack_float2<T>(acc_o[4 * j + 2 * hh] * inv, acc_o[4 * j + 2 * hh + 1] * inv);
-      }
-    }
-    named_sync(1 + kConsumers + c, 128);  // this warpgroup's rows are staged
-    constexpr int kChunks = D / 8;        // 16-byte chunks per row
-#pragma unroll
-    for (int it = 0; it < 64 * kChunks / 128; ++it) {
-      const int idx = it * 128 + et;
-      const int r = 64 * c + idx / kChunks, col = 8 * (idx % kChunks);
-      if (we.row0 + r < seqlen_q)
-        *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(we.row0 + r) * p.o_row_stride + col) =
-            *reinterpret_cast<const uint4*>(sO + QTile::offset(r, col));
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = 8 * j + 2 * t4;
+      *reinterpret_cast<uint32_t*>(sO + QTile::offset(r, col) + (col & 7)) =
+          pack_float2<T>(acc_o[4 * j + 2 * hh] * inv, acc_o[4 * j + 2 * hh + 1] * inv);
     }
   }
-  if (c == 0) named_sync(1, kTurnThreads);  // the last consumer's final hand-over
+  named_sync(1 + kConsumers + c, 128);  // this warpgroup's rows are staged
+  constexpr int kChunks = D / 8;        // 16-byte chunks per row
+#pragma unroll
+  for (int it = 0; it < 64 * kChunks / 128; ++it) {
+    const int idx = it * 128 + tid % 128;
+    const int r = 64 * c + idx / kChunks, col = 8 * (idx % kChunks);
+    if (row0 + r < seqlen_q)
+      *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(row0 + r) * p.o_row_stride + col) =
+          *reinterpret_cast<const uint4*>(sO + QTile::offset(r, col));
+  }
 #endif
 }
 
@@ -402,8 +356,8 @@ bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   // + the mask row and the kept-tile list (int16)
   const int smem = Tr::kSmemBytes + (kSparse ? (p.block_mask_cols + 15) / 16 * 16 + 2 * p.block_mask_cols : 0);
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  const int num_tiles = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM * p.num_heads_q * p.batch;
-  kernel<<<kSparse ? num_tiles : std::min(num_tiles, sm_count()), Tr::kThreads, smem, stream>>>(p, maps);
+  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.num_heads_q, p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, maps);
   return true;
 }
 

@@ -244,14 +244,6 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// Returns x, hiding its value from the optimiser: values derived from it (addresses inside a loop,
-// a tile's coordinates after it) are recomputed where they are used instead of being hoisted into
-// registers held in between.
-__device__ __forceinline__ int opaque(int x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
-
 // 2^x with the hardware approximation (ex2.approx.ftz.f32); exp2f under --use_fast_math is the
 // same instruction, this makes it explicit and independent of the flag.
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -69,14 +69,6 @@ bool has_sm90_code(Kernel kernel) {
   return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90;
 }
 
-// Multiprocessors of the current device (the size of a persistent grid).
-inline int sm_count() {
-  int device = 0, count = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-  return count > 0 ? count : 1;
-}
-
 // m64nNk16 warpgroup MMA, fp32 accumulators, for N in {32, 64, 128}.
 template <int N, typename T>
 struct Wgmma;
