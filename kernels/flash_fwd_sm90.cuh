@@ -1,18 +1,18 @@
 // FlashAttention forward, Hopper path (sm_90a): TMA + mbarriers + warp-specialised wgmma.
 //
 // Same mathematics and outputs as flash_fwd_kernel (flash_fwd.cuh). One thread block per
-// (kBlockM = 128 query rows, head, batch) and three warpgroups:
+// (kBlockM = 64 x kConsumers query rows, head, batch) and 1 + kConsumers warpgroups (FwdTraits):
 //   producer   (warpgroup 0, 24 registers): one thread issues the TMA loads of the Q tile and of the
 //              K / V tiles into kStages-deep shared-memory rings; "full" mbarriers count the bytes
 //              in, "empty" mbarriers count the consumer warps done with a slot;
-//   consumers  (warpgroups 1, 2, 240 registers): 64 query rows each, walking the key tiles
+//   consumers  (warpgroups 1.., 240 / 160 registers): 64 query rows each, walking the key tiles
 //              (kBlockN = 128) from the last visible one down, like the stage-1 kernel.
 // Iteration i of a consumer issues, in one "GEMM turn",
 //   S(i)       = Q_c K(i)^T     wgmma m64n128, A = Q (smem, K-major), B = K (K-major)
 //   O         += P(i-1) V(i-1)  wgmma m64nD,   A = P (registers),     B = V (MN-major)
 // then waits for both and runs the online softmax of S(i) (P(i), rescale of O) on the CUDA cores.
-// The two consumers take GEMM turns in strict alternation (named barriers 1 and 2, "ping-pong"), so
-// one warpgroup's softmax runs while the other's GEMMs occupy the tensor cores; no block-wide
+// The consumers take GEMM turns round-robin (named barriers 1.., "ping-pong" for two), so one
+// warpgroup's softmax runs while another's GEMMs occupy the tensor cores; no block-wide
 // barrier sits in the loop. Dropout stays on the stage-1 kernel.
 //
 // Included by flash_fwd.cuh (after TileLoader, before run_flash_fwd_hdim), not on its own.
@@ -27,17 +27,26 @@
 namespace longctx {
 namespace sm90 {
 
-template <int kHeadDim_, typename T_>
+// kConsumers: consumer warpgroups of 64 query rows each, taking GEMM turns round-robin. Two, except at
+// head dim 64 dense, where the softmax (64 exponentials per thread per tile, MUFU-bound) takes longer
+// than one other warpgroup's GEMMs: three consumers (192 query rows) give each softmax two turns to
+// hide under. Block-sparse keeps two (its tiles must lie inside a 128-row mask block).
+template <int kHeadDim_, typename T_, int kConsumers_ = 2>
 struct FwdTraits {
   using T = T_;
   static constexpr int D = kHeadDim_;
   static_assert(D == 64 || D == 128, "the Hopper forward covers head dims 64 and 128");
-  static constexpr int kConsumers = 2;  // consumer warpgroups, 64 query rows each
+  static constexpr int kConsumers = kConsumers_;
+  static_assert(kConsumers == 2 || (kConsumers == 3 && D == 64), "3 consumers fit the registers at head dim 64");
   static constexpr int kBlockM = 64 * kConsumers, kBlockN = 128;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = D == 64 ? 4 : 2;  // K / V ring depth
-  // setmaxnreg: 24 + 2 x 240 = 504 = 3 x 168, the launch allocation of 384 threads.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // setmaxnreg: 24 + 2 x 240 = 504 = 3 x 168, the launch allocation of 384 threads; with three
+  // consumers 32 + 3 x 160 = 512 = 4 x 128.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  // P(i) in two register sets (packed while P(i-1) V(i-1) still reads the other), or one where
+  // registers are short (three consumers: packed after that P V is waited for).
+  static constexpr int kPSets = kConsumers == 2 ? 2 : 1;
   using QTile = SwizzledTile<kBlockM, D>;
   using KTile = SwizzledTile<kBlockN, D>;
   // Byte offsets from the 1024-aligned base: Q, K ring, V ring, mbarriers, the block-sparse mask row.
@@ -122,7 +131,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     else return i < n_visits ? n_block_max - 1 - i : -1;
   };
   const int n_first = tile(0);
-  const int wg = tid / 128;
+  // Warp-uniform by construction (a shuffle from lane 0), so ptxas keeps what derives from it (the
+  // consumer's Q descriptors) in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
   if (wg == 0) {  // producer
     regs_dec<Tr::kProducerRegs>();
@@ -159,15 +170,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in log2 units
   // P(i) as the A operand of the next turn's P V, in two register sets by the parity of i (the loop is
   // unrolled by two): P(i) is packed while P(i-1) V(i-1) still reads the other set.
-  uint32_t p_a[2][kNSteps][4];
+  uint32_t p_a[Tr::kPSets][kNSteps][4];
 
   auto issue_s = [&](float (&acc_s)[WgS::kRegs], int st) {  // S = Q_c K^T
+    const uint32_t q_c = sQ + 64 * c * 128, k_st = sK0 + st * KTile::kBytes;
 #pragma unroll
     for (int kk = 0; kk < kDSteps; ++kk) {
-      const uint32_t a_off = (kk / 4) * QTile::kBlockBytes + 64 * c * 128 + (kk % 4) * 32;
+      const uint32_t a_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
       const uint32_t b_off = (kk / 4) * KTile::kBlockBytes + (kk % 4) * 32;
-      WgS::template ss<0, 0>(acc_s, smem_desc(sQ + a_off, 16, 1024),
-                             smem_desc(sK0 + st * KTile::kBytes + b_off, 16, 1024), kk);
+      WgS::template ss<0, 0>(acc_s, smem_desc(q_c + a_off, 16, 1024),
+                             smem_desc(k_st + b_off, 16, 1024), kk);
     }
     wgmma_commit();
   };
@@ -258,20 +270,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       float acc_s[WgS::kRegs];
       wgmma_fence();
       issue_s(acc_s, st);
-      issue_pv(p_a[kSet ^ 1], st_prev);
+      issue_pv(p_a[(kSet ^ 1) % Tr::kPSets], st_prev);
       named_arrive(next_turn, kTurnThreads);
       wgmma_wait<1>();  // S(i) done
       fence_operand(acc_s);
       softmax(acc_s, n_block, corr);
-      pack_p(acc_s, p_a[kSet]);
-      fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
+      if constexpr (Tr::kPSets == 2) {
+        pack_p(acc_s, p_a[kSet]);
+        fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
+      }
       // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
       // early as its operands allow; a predicate that reads the row sums (never negative, so it is
       // lane == 0) holds both behind the whole softmax.
       mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
       wgmma_wait<0>();           // O now holds every tile before this one
       fence_operand(acc_o);
-      fence_operand(p_a[kSet ^ 1]);
+      fence_operand(p_a[(kSet ^ 1) % Tr::kPSets]);
+      // One set: P(i) goes into the registers P(i-1) V(i-1) read only now (packing them while that
+      // GEMM runs makes ptxas serialise every wgmma).
+      if constexpr (Tr::kPSets == 1) pack_p(acc_s, p_a[0]);
       mbar_arrive_if(empty_v(st_prev), lane == 0);
 #pragma unroll
       for (int j = 0; j < D / 8; ++j)
@@ -294,7 +311,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
     named_sync(my_turn, kTurnThreads);
     wgmma_fence();
-    if ((i - 1) % 2) issue_pv(p_a[1], st_prev);
+    if ((i - 1) % Tr::kPSets) issue_pv(p_a[1 % Tr::kPSets], st_prev);
     else issue_pv(p_a[0], st_prev);
     // The last consumer's hand-over would have no taker: every turn barrier is left balanced.
     if (c != kConsumers - 1) named_arrive(next_turn, kTurnThreads);
@@ -339,7 +356,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // or TMA cannot address the tensors (16-byte alignment); the caller then runs the stage-1 kernel.
 template <int D, typename T, bool kIsCausal, bool kSparse>
 bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<D, T>;
+  using Tr = FwdTraits<D, T, D == 64 && !kSparse ? 3 : 2>;
   auto kernel = flash_fwd_sm90_kernel<Tr, kIsCausal, kSparse>;
   static const bool available = has_sm90_code(kernel);
   if (!available) return false;
