@@ -131,9 +131,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     else return i < n_visits ? n_block_max - 1 - i : -1;
   };
   const int n_first = tile(0);
-  // Warp-uniform by construction (a shuffle from lane 0), so ptxas keeps what derives from it (the
-  // consumer's Q descriptors) in uniform registers.
-  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  // With three consumers (160 registers) warp-uniform by construction (a shuffle from lane 0), so that
+  // ptxas keeps what derives from it (the consumer's Q descriptors) in uniform registers: in vector
+  // registers they spill there.
+  const int wg = kConsumers == 3 ? __shfl_sync(0xffffffffu, tid / 128, 0) : tid / 128;
 
   if (wg == 0) {  // producer
     regs_dec<Tr::kProducerRegs>();
