@@ -6,8 +6,7 @@
 //              K / V tiles into kStages-deep shared-memory rings; "full" mbarriers count the bytes
 //              in, "empty" mbarriers count the consumer warps done with a slot;
 //   consumers  (warpgroups 1.., 240 / 160 registers): 64 query rows each, walking the key tiles
-//              (kBlockN = 128, or 176 at head dim 128 dense non-causal) from the last visible one
-//              down, like the stage-1 kernel.
+//              (kBlockN = 128) from the last visible one down, like the stage-1 kernel.
 // Iteration i of a consumer issues, in one "GEMM turn",
 //   S(i)       = Q_c K(i)^T     wgmma m64n128, A = Q (smem, K-major), B = K (K-major)
 //   O         += P(i-1) V(i-1)  wgmma m64nD,   A = P (registers),     B = V (MN-major)
@@ -32,25 +31,22 @@ namespace sm90 {
 // head dim 64 dense, where the softmax (64 exponentials per thread per tile, MUFU-bound) takes longer
 // than one other warpgroup's GEMMs: three consumers (192 query rows) give each softmax two turns to
 // hide under. Block-sparse keeps two (its tiles must lie inside a 128-row mask block).
-// kBlockN: keys per tile, 128, or 176 at head dim 128 dense non-causal (fewer, longer turns: less
-// per-tile overhead per FLOP; causal keeps 128, whose diagonal tiles waste less).
-template <int kHeadDim_, typename T_, int kConsumers_ = 2, int kBlockN_ = 128>
+template <int kHeadDim_, typename T_, int kConsumers_ = 2>
 struct FwdTraits {
   using T = T_;
   static constexpr int D = kHeadDim_;
   static_assert(D == 64 || D == 128, "the Hopper forward covers head dims 64 and 128");
   static constexpr int kConsumers = kConsumers_;
   static_assert(kConsumers == 2 || (kConsumers == 3 && D == 64), "3 consumers fit the registers at head dim 64");
-  static constexpr int kBlockM = 64 * kConsumers, kBlockN = kBlockN_;
-  static_assert(kBlockN == 128 || (kBlockN == 176 && D == 128 && kConsumers == 2), "176-key tiles: head dim 128");
+  static constexpr int kBlockM = 64 * kConsumers, kBlockN = 128;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = D == 64 ? 4 : 2;  // K / V ring depth
   // setmaxnreg: 24 + 2 x 240 = 504 = 3 x 168, the launch allocation of 384 threads; with three
   // consumers 32 + 3 x 160 = 512 = 4 x 128.
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   // P(i) in two register sets (packed while P(i-1) V(i-1) still reads the other), or one where
-  // registers are short (three consumers, 176-key tiles: packed after that P V is waited for).
-  static constexpr int kPSets = kConsumers == 2 && kBlockN == 128 ? 2 : 1;
+  // registers are short (three consumers: packed after that P V is waited for).
+  static constexpr int kPSets = kConsumers == 2 ? 2 : 1;
   using QTile = SwizzledTile<kBlockM, D>;
   using KTile = SwizzledTile<kBlockN, D>;
   // Byte offsets from the 1024-aligned base: Q, K ring, V ring, mbarriers, the block-sparse mask row.
@@ -73,7 +69,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   constexpr int kStages = Tr::kStages, kConsumers = Tr::kConsumers;
   constexpr int kDSteps = D / 16, kNSteps = kBlockN / 16;
   constexpr int kTurnThreads = 2 * 128;  // a turn barrier: the waiting warpgroup + the one handing over
-  using WgS = Wgmma<kBlockN, T>;         // S: 64 rows x kBlockN keys
+  using WgS = Wgmma<kBlockN, T>;         // S: 64 rows x 128 keys
   using WgO = Wgmma<D, T>;               // O: 64 rows x D
 
   extern __shared__ char smem_raw[];
@@ -135,10 +131,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     else return i < n_visits ? n_block_max - 1 - i : -1;
   };
   const int n_first = tile(0);
-  // Where registers are short (one P set: three consumers, 176-key tiles) warp-uniform by construction
-  // (a shuffle from lane 0), so that ptxas keeps what derives from it (the consumer's Q descriptors) in
-  // uniform registers: in vector registers they spill there.
-  const int wg = Tr::kPSets == 1 ? __shfl_sync(0xffffffffu, tid / 128, 0) : tid / 128;
+  // With three consumers (160 registers) warp-uniform by construction (a shuffle from lane 0), so that
+  // ptxas keeps what derives from it (the consumer's Q descriptors) in uniform registers: in vector
+  // registers they spill there.
+  const int wg = kConsumers == 3 ? __shfl_sync(0xffffffffu, tid / 128, 0) : tid / 128;
 
   if (wg == 0) {  // producer
     regs_dec<Tr::kProducerRegs>();
@@ -361,7 +357,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // or TMA cannot address the tensors (16-byte alignment); the caller then runs the stage-1 kernel.
 template <int D, typename T, bool kIsCausal, bool kSparse>
 bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<D, T, D == 64 && !kSparse ? 3 : 2, D == 128 && !kSparse && !kIsCausal ? 176 : 128>;
+  using Tr = FwdTraits<D, T, D == 64 && !kSparse ? 3 : 2>;
   auto kernel = flash_fwd_sm90_kernel<Tr, kIsCausal, kSparse>;
   static const bool available = has_sm90_code(kernel);
   if (!available) return false;
