@@ -30,8 +30,7 @@ namespace sm90 {
 // kConsumers: consumer warpgroups of 64 query rows each, taking GEMM turns round-robin. Two, except at
 // head dim 64 dense, where the softmax (64 exponentials per thread per tile, MUFU-bound) takes longer
 // than one other warpgroup's GEMMs: three consumers (192 query rows) give each softmax two turns to
-// hide under. A 192-row tile spans two 128-row mask blocks: block-sparse then visits the tiles kept by
-// either, and a consumer whose 64 rows' block does not keep a visited tile skips its GEMMs (kSkip).
+// hide under. Block-sparse keeps two (its tiles must lie inside a 128-row mask block).
 template <int kHeadDim_, typename T_, int kConsumers_ = 2>
 struct FwdTraits {
   using T = T_;
@@ -114,31 +113,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited. The block's mask row
   // is staged in shared memory and compacted into a descending list of kept tiles, which producer and
   // consumers read by visit index; dense: tile(i) = n_block_max - 1 - i.
-  // kSkip (192-row tiles): the two mask rows the tile spans are staged at kOffMask (the first) and
-  // kOffMask + line (the second), their union after them, and the list holds the union's kept tiles.
-  constexpr bool kSkip = kSparse && kBlockM > kMaskBlock;
-  const int mask_line = (p.block_mask_cols + 15) / 16 * 16;  // bytes per staged mask row
-  int16_t* const tile_list = reinterpret_cast<int16_t*>(smem + Tr::kOffMask + (kSkip ? 3 : 1) * mask_line);
+  int16_t* const tile_list = reinterpret_cast<int16_t*>(smem + Tr::kOffMask + (p.block_mask_cols + 15) / 16 * 16);
   int* const tile_count = reinterpret_cast<int*>(smem + Tr::kOffCount);
-  const int mask_row0 = row0 / kMaskBlock;
-  const int mask_row1 = min((row0 + kBlockM - 1) / kMaskBlock, (seqlen_q - 1) / kMaskBlock);
   if constexpr (kSparse) {
-    uint8_t* const staged = reinterpret_cast<uint8_t*>(smem + Tr::kOffMask);
-    if constexpr (kSkip) {
-      const uint8_t* first = mask_row<kBlockN>(p, b, h, row0).flags;
-      const uint8_t* second = mask_row<kBlockN>(p, b, h, mask_row1 * kMaskBlock).flags;
-      for (int i = tid; i < n_block_max; i += kThreads) {
-        const uint8_t f0 = first[i], f1 = second[i];
-        staged[i] = f0;
-        staged[mask_line + i] = f1;
-        staged[2 * mask_line + i] = f0 | f1;
-      }
-    } else {
-      stage_mask_line<kBlockN, kThreads>(staged, mask_row<kBlockN>(p, b, h, row0), n_block_max, tid);
-    }
+    stage_mask_line<kBlockN, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask), mask_row<kBlockN>(p, b, h, row0),
+                                       n_block_max, tid);
     __syncthreads();
     if (tid < 32) {
-      const int count = compact_kept_desc(tile_list, base + Tr::kOffMask + (kSkip ? 2 * mask_line : 0), n_block_max, tid);
+      const int count = compact_kept_desc(tile_list, base + Tr::kOffMask, n_block_max, tid);
       if (tid == 0) *tile_count = count;
     }
   }
@@ -264,148 +246,78 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (n_first >= 0) {
     mbar_wait(bar_q, 0);
     if (c == kConsumers - 1) named_arrive(1, kTurnThreads);  // consumer 0 takes the first turn
-    if constexpr (kSkip) {
-      // Every visit is one turn for every consumer. An active one issues S(i) beside the P V of its
-      // pending visit (the last it kept; an empty group when none), as below; one that skips takes its
-      // turn only to issue that pending P V, if any (so that no V slot stays held while it skips on:
-      // the producer would wait for it), and releases visit i's slots once they are loaded (an arrival
-      // before the load could complete the previous round's phase). `active` is read by lane 0 and
-      // shuffled, so that ptxas sees it warp-uniform around the wgmma.
-      const uint32_t my_flags = base + Tr::kOffMask + ((row0 + 64 * c) / kMaskBlock == mask_row0 ? 0 : mask_line);
-      int pend = -1;  // the visit whose P (in p_a[0]) still needs its P V; -1: none
-      float corr[2];
-      for (int i = 0; i < n_visits; ++i) {
-        const int n_block = tile(i), st = i % kStages, round = (i / kStages) & 1;
-        const int pend_st = pend % kStages, pend_round = (pend / kStages) & 1;
-        const bool active = __shfl_sync(0xffffffffu, kept_smem(my_flags, n_block), 0);
-        mbar_wait(full_k(st), round);
-        if (!active) mbar_wait(full_v(st), round);
-        if (pend >= 0) mbar_wait(full_v(pend_st), pend_round);
-        named_sync(my_turn, kTurnThreads);
-        if (active) {
-          float acc_s[WgS::kRegs];
-          wgmma_fence();
-          issue_s(acc_s, st);
-          if (pend >= 0) issue_pv(p_a[0], pend_st);
-          else wgmma_commit();  // an empty group: the wait below still means S(i)
-          named_arrive(next_turn, kTurnThreads);
-          wgmma_wait<1>();
-          fence_operand(acc_s);
-          softmax(acc_s, n_block, corr);
-          mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
-          wgmma_wait<0>();
-          fence_operand(acc_o);
-          fence_operand(p_a[0]);
-          pack_p(acc_s, p_a[0]);
-          if (pend >= 0) mbar_arrive_if(empty_v(pend_st), lane == 0);
-#pragma unroll
-          for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              acc_o[4 * j + 2 * hh] *= corr[hh];
-              acc_o[4 * j + 2 * hh + 1] *= corr[hh];
-            }
-          pend = i;
-        } else {
-          if (pend >= 0) {
-            wgmma_fence();
-            issue_pv(p_a[0], pend_st);
-          }
-          named_arrive(next_turn, kTurnThreads);
-          wgmma_wait<0>();
-          fence_operand(acc_o);
-          if (pend >= 0) mbar_arrive_if(empty_v(pend_st), lane == 0);
-          mbar_arrive_if(empty_k(st), lane == 0);
-          mbar_arrive_if(empty_v(st), lane == 0);
-          pend = -1;
-        }
-      }
-      // The pending P V in a last turn, which every consumer takes (the last one's hand-over would have
-      // no taker: every turn barrier is left balanced).
-      if (pend >= 0) mbar_wait(full_v(pend % kStages), (pend / kStages) & 1);
-      named_sync(my_turn, kTurnThreads);
-      if (pend >= 0) {
-        wgmma_fence();
-        issue_pv(p_a[0], pend % kStages);
-      }
-      if (c != kConsumers - 1) named_arrive(next_turn, kTurnThreads);
-      wgmma_wait<0>();
-      fence_operand(acc_o);
-    } else {
-      float corr[2];
-      {  // tile 0: S only
-        float acc_s[WgS::kRegs];
-        mbar_wait(full_k(0), 0);
-        named_sync(my_turn, kTurnThreads);
-        wgmma_fence();
-        issue_s(acc_s, 0);
-        named_arrive(next_turn, kTurnThreads);
-        wgmma_wait<0>();
-        fence_operand(acc_s);
-        if (lane == 0) mbar_arrive(empty_k(0));
-        softmax(acc_s, n_first, corr);
-        pack_p(acc_s, p_a[0]);  // O is still 0: no correction
-      }
-      // Iteration i >= 1 (tile n_block): one turn issues S(i) and P(i-1) V(i-1) (set kSet ^ 1), the
-      // softmax of S(i) runs while P V does, P(i) goes to set kSet, then O's correction.
-      auto iteration = [&](auto set, int i, int n_block) {
-        constexpr int kSet = decltype(set)::value;
-        const int st = i % kStages, st_prev = (i - 1) % kStages;
-        mbar_wait(full_k(st), (i / kStages) & 1);
-        mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
-        named_sync(my_turn, kTurnThreads);
-        float acc_s[WgS::kRegs];
-        wgmma_fence();
-        issue_s(acc_s, st);
-        issue_pv(p_a[(kSet ^ 1) % Tr::kPSets], st_prev);
-        named_arrive(next_turn, kTurnThreads);
-        wgmma_wait<1>();  // S(i) done
-        fence_operand(acc_s);
-        softmax(acc_s, n_block, corr);
-        if constexpr (Tr::kPSets == 2) {
-          pack_p(acc_s, p_a[kSet]);
-          fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
-        }
-        // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
-        // early as its operands allow; a predicate that reads the row sums (never negative, so it is
-        // lane == 0) holds both behind the whole softmax.
-        mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
-        wgmma_wait<0>();           // O now holds every tile before this one
-        fence_operand(acc_o);
-        fence_operand(p_a[(kSet ^ 1) % Tr::kPSets]);
-        // One set: P(i) goes into the registers P(i-1) V(i-1) read only now (packing them while that
-        // GEMM runs makes ptxas serialise every wgmma).
-        if constexpr (Tr::kPSets == 1) pack_p(acc_s, p_a[0]);
-        mbar_arrive_if(empty_v(st_prev), lane == 0);
-  #pragma unroll
-        for (int j = 0; j < D / 8; ++j)
-  #pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            acc_o[4 * j + 2 * hh] *= corr[hh];
-            acc_o[4 * j + 2 * hh + 1] *= corr[hh];
-          }
-      };
-      int i = 1;
-      for (int n_block = tile(1); n_block >= 0;) {
-        iteration(std::integral_constant<int, 1>{}, i, n_block);
-        n_block = tile(++i);
-        if (n_block < 0) break;
-        iteration(std::integral_constant<int, 0>{}, i, n_block);
-        n_block = tile(++i);
-      }
-      // The last tile's P V, in a turn of its own.
-      const int st_prev = (i - 1) % kStages;
-      mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
+    float corr[2];
+    {  // tile 0: S only
+      float acc_s[WgS::kRegs];
+      mbar_wait(full_k(0), 0);
       named_sync(my_turn, kTurnThreads);
       wgmma_fence();
-      if ((i - 1) % Tr::kPSets) issue_pv(p_a[1 % Tr::kPSets], st_prev);
-      else issue_pv(p_a[0], st_prev);
-      // The last consumer's hand-over would have no taker: every turn barrier is left balanced.
-      if (c != kConsumers - 1) named_arrive(next_turn, kTurnThreads);
+      issue_s(acc_s, 0);
+      named_arrive(next_turn, kTurnThreads);
       wgmma_wait<0>();
-      fence_operand(acc_o);
-
+      fence_operand(acc_s);
+      if (lane == 0) mbar_arrive(empty_k(0));
+      softmax(acc_s, n_first, corr);
+      pack_p(acc_s, p_a[0]);  // O is still 0: no correction
     }
+    // Iteration i >= 1 (tile n_block): one turn issues S(i) and P(i-1) V(i-1) (set kSet ^ 1), the
+    // softmax of S(i) runs while P V does, P(i) goes to set kSet, then O's correction.
+    auto iteration = [&](auto set, int i, int n_block) {
+      constexpr int kSet = decltype(set)::value;
+      const int st = i % kStages, st_prev = (i - 1) % kStages;
+      mbar_wait(full_k(st), (i / kStages) & 1);
+      mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
+      named_sync(my_turn, kTurnThreads);
+      float acc_s[WgS::kRegs];
+      wgmma_fence();
+      issue_s(acc_s, st);
+      issue_pv(p_a[(kSet ^ 1) % Tr::kPSets], st_prev);
+      named_arrive(next_turn, kTurnThreads);
+      wgmma_wait<1>();  // S(i) done
+      fence_operand(acc_s);
+      softmax(acc_s, n_block, corr);
+      if constexpr (Tr::kPSets == 2) {
+        pack_p(acc_s, p_a[kSet]);
+        fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
+      }
+      // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
+      // early as its operands allow; a predicate that reads the row sums (never negative, so it is
+      // lane == 0) holds both behind the whole softmax.
+      mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
+      wgmma_wait<0>();           // O now holds every tile before this one
+      fence_operand(acc_o);
+      fence_operand(p_a[(kSet ^ 1) % Tr::kPSets]);
+      // One set: P(i) goes into the registers P(i-1) V(i-1) read only now (packing them while that
+      // GEMM runs makes ptxas serialise every wgmma).
+      if constexpr (Tr::kPSets == 1) pack_p(acc_s, p_a[0]);
+      mbar_arrive_if(empty_v(st_prev), lane == 0);
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          acc_o[4 * j + 2 * hh] *= corr[hh];
+          acc_o[4 * j + 2 * hh + 1] *= corr[hh];
+        }
+    };
+    int i = 1;
+    for (int n_block = tile(1); n_block >= 0;) {
+      iteration(std::integral_constant<int, 1>{}, i, n_block);
+      n_block = tile(++i);
+      if (n_block < 0) break;
+      iteration(std::integral_constant<int, 0>{}, i, n_block);
+      n_block = tile(++i);
+    }
+    // The last tile's P V, in a turn of its own.
+    const int st_prev = (i - 1) % kStages;
+    mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
+    named_sync(my_turn, kTurnThreads);
+    wgmma_fence();
+    if ((i - 1) % Tr::kPSets) issue_pv(p_a[1 % Tr::kPSets], st_prev);
+    else issue_pv(p_a[0], st_prev);
+    // The last consumer's hand-over would have no taker: every turn barrier is left balanced.
+    if (c != kConsumers - 1) named_arrive(next_turn, kTurnThreads);
+    wgmma_wait<0>();
+    fence_operand(acc_o);
   }
 
   // Epilogue: normalise, write LSE, stage O through this consumer's rows of the Q tile (no other
@@ -445,7 +357,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // or TMA cannot address the tensors (16-byte alignment); the caller then runs the stage-1 kernel.
 template <int D, typename T, bool kIsCausal, bool kSparse>
 bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<D, T, D == 64 ? 3 : 2>;
+  using Tr = FwdTraits<D, T, D == 64 && !kSparse ? 3 : 2>;
   auto kernel = flash_fwd_sm90_kernel<Tr, kIsCausal, kSparse>;
   static const bool available = has_sm90_code(kernel);
   if (!available) return false;
@@ -459,9 +371,8 @@ bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
       !make_token_map(&maps.v, p.v, bf16, D, p.rows_k, p.num_heads_k, batch, p.v_row_stride, p.v_head_stride,
                       p.v_batch_stride, Tr::kBlockN))
     return false;
-  // + the mask rows (with 192-row tiles: the two rows and their union) and the kept-tile list (int16)
-  constexpr int kMaskLines = Tr::kBlockM > kMaskBlock ? 3 : 1;
-  const int smem = Tr::kSmemBytes + (kSparse ? kMaskLines * ((p.block_mask_cols + 15) / 16 * 16) + 2 * p.block_mask_cols : 0);
+  // + the mask row and the kept-tile list (int16)
+  const int smem = Tr::kSmemBytes + (kSparse ? (p.block_mask_cols + 15) / 16 * 16 + 2 * p.block_mask_cols : 0);
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.num_heads_q, p.batch);
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, maps);
