@@ -17,10 +17,10 @@
 //                                      low-precision backward does), also stored to shared memory
 //   dK  += dS^T Q                      wgmma m64nD,   A = dS^T (registers),   B = Q (MN-major)
 //   dQ = dS K, split in 64 x 64 parts  wgmma m64n64,  A = dS (smem, M-major), B = K (MN-major),
-//        (warpgroup g: query rows 64g.. at 128 queries, else columns 64g..), added to dq_accum
-//        with fp32 vector atomics
-// Q, dO and their row statistics are double-buffered with cp.async (the next tile is in flight
-// during this one); dK / dV stay in registers and are written once at the end (dK scaled).
+//        (warpgroup g: query rows 64g.. at 128 queries, else columns 64g..), staged in shared
+//        memory and added to dq_accum by the copy engine (one bulk reduce-add per warp; DqTiles)
+// Q and dO come by TMA, their row statistics by cp.async, into a two-stage ring (the next tile is in
+// flight during this one); dK / dV stay in registers and are written once at the end (dK scaled).
 // Dropout stays on the stage-1 kernel; the deterministic mode uses this kernel without its dQ part
 // (flash_bwd_dq_kernel computes dQ).
 //
