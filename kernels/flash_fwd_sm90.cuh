@@ -2,7 +2,7 @@
 //
 // Same mathematics and outputs as flash_fwd_kernel (flash_fwd.cuh). One thread block per
 // (kBlockM = 64 x kConsumers query rows, head, batch) and 1 + kConsumers warpgroups (FwdTraits):
-//   producer   (warpgroup 0, 24 registers): one thread issues the TMA loads of the Q tile and of the
+//   producer   (warpgroup 0, 24 / 32 registers): one thread issues the TMA loads of the Q tile and of the
 //              K / V tiles into kStages-deep shared-memory rings; "full" mbarriers count the bytes
 //              in, "empty" mbarriers count the consumer warps done with a slot;
 //   consumers  (warpgroups 1.., 240 / 160 registers): 64 query rows each, walking the key tiles
@@ -169,8 +169,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < WgO::kRegs; ++i) acc_o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in log2 units
-  // P(i) as the A operand of the next turn's P V, in two register sets by the parity of i (the loop is
-  // unrolled by two): P(i) is packed while P(i-1) V(i-1) still reads the other set.
+  // P(i) as the A operand of the next turn's P V; with two register sets (Tr::kPSets), by the parity of
+  // i (the loop is unrolled by two): P(i) is packed while P(i-1) V(i-1) still reads the other set.
   uint32_t p_a[Tr::kPSets][kNSteps][4];
 
   auto issue_s = [&](float (&acc_s)[WgS::kRegs], int st) {  // S = Q_c K^T
