@@ -297,17 +297,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_commit();
 
       if (compute_dq) {
-        // dS^T to shared memory: element (key, query) at DSTile (row key, column query).
+        // dS^T to shared memory: element (key, query) at DSTile (row key, column query), one stmatrix
+        // per k16 step: its four 8 x 8 matrices are ds_a[kk][0..3] (keys +0 / +8, queries +0 / +8), and
+        // lane l gives the address of row l % 8 of matrix l / 8 (16 bytes: one swizzled chunk).
+        const int st_key = key_row - g + lane % 8 + 8 * ((lane / 8) % 2), st_col = 8 * (lane / 16);
   #pragma unroll
         for (int kk = 0; kk < kMSteps; ++kk)
-  #pragma unroll
-          for (int half = 0; half < 2; ++half)
-  #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              const int r = key_row + 8 * hh, c = 16 * kk + 8 * half;
-              *reinterpret_cast<uint32_t*>(smem + (sdS - base) + 2 * (DSTile::offset(r, c) + 2 * t4)) =
-                  ds_a[kk][2 * half + hh];
-            }
+          stmatrix_x4(sdS + 2 * DSTile::offset(st_key, 16 * kk + st_col), ds_a[kk]);
       }
       wgmma_wait<0>();
       fence_operand(acc_dv);

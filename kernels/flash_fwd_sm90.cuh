@@ -191,8 +191,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       WgO::template rs<1>(acc_o, p[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
     wgmma_commit();
   };
-  // Scores of key tile n_block in log2 units, hidden keys (past the end, causal) at -inf, then the
-  // online softmax: new row max, P = exp2(s - max) in place, running sum; corr = the factor for O.
+  // Scores of key tile n_block, hidden keys (past the end, causal) at -inf, then the online softmax in
+  // log2 units: new row max, P = exp2(s scale_log2 - max) in place, running sum; corr = the factor
+  // for O.
   // Branch-free (a select against each row's key limit): control flow here would make ptxas wait
   // for the P V in flight first.
   auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2]) {
@@ -208,29 +209,30 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float sv = acc_s[4 * j + e] * scale_log2;
-        acc_s[4 * j + e] = 8 * j + (e % 2) < key_limit[e / 2] ? sv : -INFINITY;
-      }
+      for (int e = 0; e < 4; ++e)
+        if (!(8 * j + (e % 2) < key_limit[e / 2])) acc_s[4 * j + e] = -INFINITY;
+    // Raw scores from here: the row max is taken unscaled (scale > 0) in four independent chains, and
+    // each exponential's scaling is one FFMA with it; the row sum in two chains.
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      float mx = row_max[hh];
+      float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * hh], acc_s[4 * j + 2 * hh + 1]));
-      mx = quad_max(mx);
+      for (int j = 0; j < kBlockN / 8; ++j)
+        m4[j % 4] = fmaxf(m4[j % 4], fmaxf(acc_s[4 * j + 2 * hh], acc_s[4 * j + 2 * hh + 1]));
+      const float mx = fmaxf(row_max[hh], quad_max(fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]))) * scale_log2);
       const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
       corr[hh] = fast_exp2(row_max[hh] - ref);       // exp2(-inf) = 0 on the first tile
       row_max[hh] = mx;
-      float sum = 0.f;
+      float sum[2] = {0.f, 0.f};
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pv = fast_exp2(acc_s[4 * j + 2 * hh + e] - ref);
+          const float pv = fast_exp2(fmaf(acc_s[4 * j + 2 * hh + e], scale_log2, -ref));
           acc_s[4 * j + 2 * hh + e] = pv;
-          sum += pv;
+          sum[e] += pv;
         }
-      row_sum[hh] = row_sum[hh] * corr[hh] + sum;
+      row_sum[hh] = row_sum[hh] * corr[hh] + (sum[0] + sum[1]);
     }
   };
   auto pack_p = [&](const float (&acc_s)[WgS::kRegs], uint32_t (&p)[kNSteps][4]) {

@@ -61,6 +61,15 @@ __device__ __forceinline__ void fence_operand(uint32_t (&a)[N][4]) {
 // each writer runs it after its writes and before the barrier that publishes them.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Four 8 x 8 b16 matrices to shared memory (stmatrix.x4): register i of a thread holds row lane / 4,
+// columns 2 (lane % 4) .. +1 of matrix i (the mma fragment layout); lane l gives the address of row
+// l % 8 of matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 // True when this build carries sm_90a code for the kernel (the binary of a non-Hopper build has an
 // empty body), checked once per instance.
 template <typename Kernel>
