@@ -194,23 +194,30 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // Scores of key tile n_block, hidden keys (past the end, causal) at -inf, then the online softmax in
   // log2 units: new row max, P = exp2(s scale_log2 - max) in place, running sum; corr = the factor
   // for O.
-  // Branch-free (a select against each row's key limit): control flow here would make ptxas wait
-  // for the P V in flight first.
-  auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2]) {
+  // Masked (kMask: tiles that may hold hidden keys, need_mask) branch-free, a select against each row's
+  // key limit: control flow here would make ptxas wait for the P V in flight first. The tiles that need
+  // it come first in the descending walk (the sequence end, the causal diagonal), so the main loop runs
+  // an instance without it.
+  auto need_mask = [&](int n_block) {
     const int col0 = n_block * kBlockN;
-    const bool need_mask = col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
-    int key_limit[2];  // visible: 8 j + (e % 2) < key_limit (keys relative to col0 + 2 t4)
+    return col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
+  };
+  auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2], auto masked) {
+    if constexpr (decltype(masked)::value) {
+      const int col0 = n_block * kBlockN;
+      int key_limit[2];  // visible: 8 j + (e % 2) < key_limit (keys relative to col0 + 2 t4)
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int row = row0 + row_in_tile + 8 * hh;
-      const int limit = kIsCausal ? min(seqlen_k, row + diag + 1) : seqlen_k;
-      key_limit[hh] = need_mask ? limit - col0 - 2 * t4 : kBlockN;
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = row0 + row_in_tile + 8 * hh;
+        const int limit = kIsCausal ? min(seqlen_k, row + diag + 1) : seqlen_k;
+        key_limit[hh] = need_mask(n_block) ? limit - col0 - 2 * t4 : kBlockN;
+      }
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!(8 * j + (e % 2) < key_limit[e / 2])) acc_s[4 * j + e] = -INFINITY;
     }
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (!(8 * j + (e % 2) < key_limit[e / 2])) acc_s[4 * j + e] = -INFINITY;
     // Raw scores from here: the row max is taken unscaled (scale > 0) in four independent chains, and
     // each exponential's scaling is one FFMA with it; the row sum in two chains.
 #pragma unroll
@@ -259,12 +266,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       wgmma_wait<0>();
       fence_operand(acc_s);
       if (lane == 0) mbar_arrive(empty_k(0));
-      softmax(acc_s, n_first, corr);
+      softmax(acc_s, n_first, corr, std::true_type{});
       pack_p(acc_s, p_a[0]);  // O is still 0: no correction
     }
     // Iteration i >= 1 (tile n_block): one turn issues S(i) and P(i-1) V(i-1) (set kSet ^ 1), the
     // softmax of S(i) runs while P V does, P(i) goes to set kSet, then O's correction.
-    auto iteration = [&](auto set, int i, int n_block) {
+    auto iteration = [&](auto set, auto masked, int i, int n_block) {
       constexpr int kSet = decltype(set)::value;
       const int st = i % kStages, st_prev = (i - 1) % kStages;
       mbar_wait(full_k(st), (i / kStages) & 1);
@@ -277,7 +284,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       named_arrive(next_turn, kTurnThreads);
       wgmma_wait<1>();  // S(i) done
       fence_operand(acc_s);
-      softmax(acc_s, n_block, corr);
+      softmax(acc_s, n_block, corr, masked);
       if constexpr (Tr::kPSets == 2) {
         pack_p(acc_s, p_a[kSet]);
         fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
@@ -301,12 +308,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           acc_o[4 * j + 2 * hh + 1] *= corr[hh];
         }
     };
-    int i = 1;
-    for (int n_block = tile(1); n_block >= 0;) {
-      iteration(std::integral_constant<int, 1>{}, i, n_block);
+    using Set0 = std::integral_constant<int, 0>;
+    using Set1 = std::integral_constant<int, Tr::kPSets - 1>;  // one set: always 0
+    int i = 1, n_block = tile(1);
+    // Tiles that need the mask (a prefix of the walk), then the rest unrolled by two (the P sets).
+    for (; n_block >= 0 && need_mask(n_block); n_block = tile(++i)) {
+      if (i % 2) iteration(Set1{}, std::true_type{}, i, n_block);
+      else iteration(Set0{}, std::true_type{}, i, n_block);
+    }
+    if (n_block >= 0 && i % 2 == 0) {
+      iteration(Set0{}, std::false_type{}, i, n_block);
+      n_block = tile(++i);
+    }
+    while (n_block >= 0) {
+      iteration(Set1{}, std::false_type{}, i, n_block);
       n_block = tile(++i);
       if (n_block < 0) break;
-      iteration(std::integral_constant<int, 0>{}, i, n_block);
+      iteration(Set0{}, std::false_type{}, i, n_block);
       n_block = tile(++i);
     }
     // The last tile's P V, in a turn of its own.
