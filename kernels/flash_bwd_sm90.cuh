@@ -344,9 +344,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
       }
     };
-    // Two instances only where they pay (head dim 64 causal); elsewhere one, masking at run time
-    // (two instances spill at head dim 128).
-    if (!(kIsCausal && kBlockM == 128) || need_mask) process_tile(std::true_type{});
+    // Two instances at head dim 64, tiles that may need the causal / sequence-end mask and the rest
+    // without it; one at head dim 128, masking at run time (two instances spill there).
+    if (kBlockM == 64 || need_mask) process_tile(std::true_type{});
     else process_tile(std::false_type{});
     m_block = m_next;
   }
