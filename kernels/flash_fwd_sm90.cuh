@@ -194,10 +194,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // Scores of key tile n_block, hidden keys (past the end, causal) at -inf, then the online softmax in
   // log2 units: new row max, P = exp2(s scale_log2 - max) in place, running sum; corr = the factor
   // for O.
-  // Masked (kMask: tiles that may hold hidden keys, need_mask) branch-free, a select against each row's
-  // key limit: control flow here would make ptxas wait for the P V in flight first. The tiles that need
-  // it come first in the descending walk (the sequence end, the causal diagonal), so the main loop runs
-  // an instance without it.
+  // `masked` instances (for tiles that may hold hidden keys: need_mask) mask branch-free, a select
+  // against each row's key limit: control flow here would make ptxas wait for the P V in flight first.
+  // need_mask grows with the tile index, so those tiles come first in the descending walk (the sequence
+  // end, the causal diagonal) and the main loop runs an instance without the mask.
   auto need_mask = [&](int n_block) {
     const int col0 = n_block * kBlockN;
     return col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
