@@ -51,13 +51,13 @@ struct DqTiles {
   __device__ __forceinline__ static int64_t tile0(const SeqInfo& s, int b, int max_seqlen_q) {
     return s.varlen ? s.q_start / kBlockM + b : static_cast<int64_t>(b) * ((max_seqlen_q + kBlockM - 1) / kBlockM);
   }
-  // Value e (0..3) of float4 j of `lane` of `warp` (0..3) of `part`: the m64n64 accumulator's element
-  // (16 warp + lane / 4 + 8 (e / 2), 8 j + 2 (lane % 4) + e % 2) of that part (wgmma.cuh).
-  __device__ __forceinline__ static int row(int part, int warp, int lane, int e) {
-    return (kByRows ? 64 * part : 0) + 16 * warp + lane / 4 + 8 * (e / 2);
+  // Float4 j of `lane` of `warp` (0..3) of `part` holds the m64n64 accumulator's elements (row, col),
+  // (row, col + 1), (row + 8, col), (row + 8, col + 1) of that part (wgmma.cuh), with:
+  __device__ __forceinline__ static int row(int part, int warp, int lane) {
+    return (kByRows ? 64 * part : 0) + 16 * warp + lane / 4;
   }
-  __device__ __forceinline__ static int col(int part, int j, int lane, int e) {
-    return (kByRows ? 0 : 64 * part) + 8 * j + 2 * (lane % 4) + e % 2;
+  __device__ __forceinline__ static int col(int part, int j, int lane) {
+    return (kByRows ? 0 : 64 * part) + 8 * j + 2 * (lane % 4);
   }
 };
 
@@ -93,7 +93,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using KTile = typename Tr::KTile;
   using QTile = typename Tr::QTile;
   using DSTile = typename Tr::DSTile;
-  using bwd::opaque;
   constexpr int D = Tr::D, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
   constexpr int kDSteps = D / 16;      // k16 steps over the head dim (S^T, dP^T)
   constexpr int kMSteps = kBlockM / 16;  // k16 steps over the query tile (dV, dK)
@@ -300,7 +299,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // dS^T to shared memory: element (key, query) at DSTile (row key, column query), one stmatrix
         // per k16 step: its four 8 x 8 matrices are ds_a[kk][0..3] (keys +0 / +8, queries +0 / +8), and
         // lane l gives the address of row l % 8 of matrix l / 8 (16 bytes: one swizzled chunk).
-        const int st_key = key_row - g + lane % 8 + 8 * ((lane / 8) % 2), st_col = 8 * (lane / 16);
+        const int st_key = 64 * wg + 16 * warp + lane % 8 + 8 * ((lane / 8) % 2), st_col = 8 * (lane / 16);
   #pragma unroll
         for (int kk = 0; kk < kMSteps; ++kk)
           stmatrix_x4(sdS + 2 * DSTile::offset(st_key, 16 * kk + st_col), ds_a[kk]);
@@ -385,12 +384,12 @@ __global__ void __launch_bounds__(256) flash_bwd_convert_dq_tiled_kernel(const F
   const float* src = p.dq_accum + ((DqT::tile0(s, b, p.seqlen_q) + m) * p.num_heads_q + h) * DqT::kChunk +
                      threadIdx.x / 32 * DqT::kWarpFloats + 4 * lane;
   T* const dq = static_cast<T*>(p.dq) + s.tok(b, s.q_start, p.dq_batch_stride, p.dq_row_stride, h, p.dq_head_stride);
-  const int r0 = m * Tr::kBlockM + DqT::row(part, warp, lane, 0);  // rows r0 (values 0, 1) and r0 + 8 (2, 3)
+  const int r0 = m * Tr::kBlockM + DqT::row(part, warp, lane);  // rows r0 (values 0, 1) and r0 + 8 (2, 3)
   const float sc = p.softmax_scale;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const float4 v = *reinterpret_cast<const float4*>(src + 4 * 32 * j);
-    const int c = DqT::col(part, j, lane, 0);
+    const int c = DqT::col(part, j, lane);
     if (r0 < s.seqlen_q)
       *reinterpret_cast<uint32_t*>(dq + static_cast<int64_t>(r0) * p.dq_row_stride + c) = pack_float2<T>(v.x * sc, v.y * sc);
     if (r0 + 8 < s.seqlen_q)
