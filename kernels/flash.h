@@ -73,6 +73,10 @@ struct FlashBwdParams : FlashFwdParams {
   void* __restrict__ dv;
   float* __restrict__ dq_accum;    // fp32 workspace, (B, Sq, Hq, D_padded) or (total_q, Hq, D_padded)
   float* __restrict__ dsoftmax_sum;  // fp32 workspace laid out like lse: rowsum(dO * O)
+  // fp32 workspace of the Hopper backward, or nullptr: per (query tile, head) the tile's lse in base 2
+  // (+inf on empty and padding rows), then its rowsum(dO * O) (0 on padding rows); StatTiles in
+  // flash_bwd.cuh. At least 2 x Hq x (total query rows + 128 x batch) floats.
+  float* __restrict__ row_stat_tiles;
   float* __restrict__ dk_accum;    // fp32 workspace for GQA / deterministic reductions (may be null)
   float* __restrict__ dv_accum;
 

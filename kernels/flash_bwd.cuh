@@ -9,7 +9,8 @@
 // dK / dV are written per QUERY head (the binding sums GQA groups).
 //
 // Kernels, launched in this order by run_flash_bwd_hdim:
-//   1. flash_bwd_dot_do_o_kernel: D = rowsum(dO * O) in fp32, laid out like lse.
+//   1. flash_bwd_dot_do_o_kernel: D = rowsum(dO * O) in fp32, laid out like lse (and, for the Hopper
+//      backward, both row statistics per query tile: StatTiles).
 //   2. flash_bwd_dkdv_kernel: one thread block per (kBlockN = 128 keys, head, batch), 8 warps;
 //      loops over the query tiles (kBlockM = 64 rows; 32 at head dim 128 with dropout and at head dim
 //      64 without, which runs 2 blocks per SM) that see those keys. Warp w owns key rows
@@ -111,6 +112,23 @@ __device__ __forceinline__ float lse_log2(float lse, bool valid) {
   return (valid && lse != -INFINITY) ? lse * 1.4426950408889634f : INFINITY;
 }
 
+// Query rows per iteration of the Hopper backward (BwdTraits in flash_bwd_sm90.cuh): 128 at head dim 64,
+// 64 at head dim 128.
+template <int D>
+constexpr int kSm90BlockM = D == 64 ? 128 : 64;
+
+// The row statistics as the Hopper backward reads them, one bulk copy per query tile
+// (p.row_stat_tiles): per (kBlockM-row query tile, head) a chunk of kBlockM lse2 values (lse_log2, so
+// +inf on empty rows and on the padding rows past the sequence end) then kBlockM values of D (0 on
+// padding rows); chunks ordered (tile, head) from SeqInfo::query_tile0.
+template <int kBlockM>
+struct StatTiles {
+  static constexpr int kChunk = 2 * kBlockM;
+  __device__ __forceinline__ static float* chunk(const FlashBwdParams& p, const SeqInfo& s, int b, int h, int m) {
+    return p.row_stat_tiles + ((s.query_tile0<kBlockM>(b, p.seqlen_q) + m) * p.num_heads_q + h) * kChunk;
+  }
+};
+
 // ----------------------------------------------------------------------------------------------
 // 1. D = rowsum(dO * O)
 // ----------------------------------------------------------------------------------------------
@@ -125,7 +143,16 @@ __global__ void __launch_bounds__(kRowKernelThreads) flash_bwd_dot_do_o_kernel(c
   const SeqInfo s(p, b);
   const int i = blockIdx.x * kRowsPerBlock + threadIdx.x / kRowThreads;
   const int c = (threadIdx.x % kRowThreads) * 8;
-  if (i >= s.seqlen_q) return;
+  constexpr int kTileM = kSm90BlockM<D>;
+  const bool tiled = p.row_stat_tiles != nullptr && threadIdx.x % kRowThreads == 0;
+  if (i >= s.seqlen_q) {  // the Hopper backward's padding rows (the grid covers whole 128-row tiles)
+    if (tiled && i < (s.seqlen_q + kTileM - 1) / kTileM * kTileM) {
+      float* const chunk = StatTiles<kTileM>::chunk(p, s, b, h, i / kTileM);
+      chunk[i % kTileM] = INFINITY;
+      chunk[kTileM + i % kTileM] = 0.f;
+    }
+    return;
+  }
   float acc = 0.f;
   if (c < D) {
     const T* o = static_cast<const T*>(p.o) + s.tok(b, s.q_start, p.o_batch_stride, p.o_row_stride, h, p.o_head_stride) +
@@ -144,8 +171,15 @@ __global__ void __launch_bounds__(kRowKernelThreads) flash_bwd_dot_do_o_kernel(c
   }
 #pragma unroll
   for (int m = kRowThreads / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
-  if (threadIdx.x % kRowThreads == 0)
-    p.dsoftmax_sum[b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start + i] = acc;
+  if (threadIdx.x % kRowThreads == 0) {
+    const int64_t off = b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start + i;
+    p.dsoftmax_sum[off] = acc;
+    if (tiled) {
+      float* const chunk = StatTiles<kTileM>::chunk(p, s, b, h, i / kTileM);
+      chunk[i % kTileM] = lse_log2(p.lse[off], true);
+      chunk[kTileM + i % kTileM] = acc;
+    }
+  }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -880,7 +914,8 @@ namespace longctx {
 // One explicit instantiation per (head dim, dtype) lives in flash_bwd_hdim*_*.cu.
 template <int kHeadDim, typename T>
 void run_flash_bwd_hdim(const FlashBwdParams& p, cudaStream_t stream) {
-  const dim3 grid_rows((p.seqlen_q + bwd::kRowsPerBlock - 1) / bwd::kRowsPerBlock, p.batch, p.num_heads_q);
+  // Rows up to a multiple of 128: the Hopper backward's row statistics fill whole query tiles.
+  const dim3 grid_rows((p.seqlen_q + 127) / 128 * 128 / bwd::kRowsPerBlock, p.batch, p.num_heads_q);
   bwd::flash_bwd_dot_do_o_kernel<T, kHeadDim><<<grid_rows, bwd::kRowKernelThreads, 0, stream>>>(p);
   const bool dropout = p.p_dropout > 0.f;
   // Hopper path (flash_bwd_sm90.cuh) for head dims 64 / 128 without dropout, when enabled and built.

@@ -19,8 +19,12 @@
 //   dQ = dS K, split in 64 x 64 parts  wgmma m64n64,  A = dS (smem, M-major), B = K (MN-major),
 //        (warpgroup g: query rows 64g.. at 128 queries, else columns 64g..), staged in shared
 //        memory and added to dq_accum by the copy engine (one bulk reduce-add per warp; DqTiles)
-// Q and dO come by TMA, their row statistics by cp.async, into a two-stage ring (the next tile is in
-// flight during this one); dK / dV stay in registers and are written once at the end (dK scaled).
+// Q and dO come by TMA, their row statistics (lse2 and rowsum(dO O), prepared per query tile by
+// flash_bwd_dot_do_o_kernel: StatTiles) by a bulk copy, into a two-stage ring: tile it + 2 is loaded as
+// soon as iteration it's block barrier frees its stage. At head dim 128 the next tile's S^T goes out
+// right behind this tile's dQ, so that the dQ stores and the loop's bookkeeping run under it. Only the
+// tiles that need the causal / sequence-end mask run the masking pass (zeroing packed P^T values).
+// dK / dV stay in registers and are written once at the end (dK scaled).
 // Dropout stays on the stage-1 kernel; the deterministic mode uses this kernel without its dQ part
 // (flash_bwd_dq_kernel computes dQ).
 //
@@ -78,14 +82,16 @@ struct BwdTraits {
   static constexpr int kOffdO = kOffQ + 2 * QTile::kBytes;
   static constexpr int kOffdS = kOffdO + 2 * QTile::kBytes;      // two dS^T buffers (by iteration parity)
   static constexpr int kOffdQ = kOffdS + 2 * DSTile::kBytes;     // this tile's dQ (fp32, DqTiles order)
-  static constexpr int kOffStats = kOffdQ + 4 * kBlockM * D;     // lse [2][kBlockM], then rowsum(dO O)
+  static constexpr int kOffStats = kOffdQ + 4 * kBlockM * D;     // [2 stages][lse2, rowsum(dO O)][kBlockM]
   static constexpr int kOffBar = kOffStats + 4 * kBlockM * 4;    // "full" mbarrier of each query stage
   static constexpr int kOffCount = kOffBar + 16;                 // block-sparse: kept query tiles
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: the mask column, then the kept-tile list
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask column and list)
 };
 
-template <typename Tr, bool kIsCausal>
+// kDq: dQ into dq_accum too (else the deterministic mode's flash_bwd_dq_kernel computes it); a template
+// parameter because a run-time test between the GEMMs makes ptxas serialise them.
+template <typename Tr, bool kIsCausal, bool kDq>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     flash_bwd_dkdv_sm90_kernel(const FlashBwdParams p, const __grid_constant__ QdoMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -102,14 +108,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using WgQ = Wgmma<64, T>;        // dQ: a 64 x 64 part
   static_assert(kBlockM * D == 128 * 64, "dQ splits into one 64 x 64 part per warpgroup");
   using DqT = DqTiles<kBlockM, D>;  // warpgroup g computes dQ part g (rows or columns 64g..)
+  using StatT = bwd::StatTiles<kBlockM>;
 
   extern __shared__ char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   char* const smem = smem_raw + (base - smem_u32(smem_raw));
   const uint32_t sK = base, sV = base + Tr::kOffV, sQ0 = base + Tr::kOffQ, sdO0 = base + Tr::kOffdO;
   const uint32_t sdS0 = base + Tr::kOffdS, bar_full = base + Tr::kOffBar;
-  float* const sLse = reinterpret_cast<float*>(smem + Tr::kOffStats);  // [2][kBlockM]
-  float* const sDsum = sLse + 2 * kBlockM;                             // [2][kBlockM]
+  const uint32_t sStats = base + Tr::kOffStats;  // [2 stages][lse2, rowsum(dO O)][kBlockM]
 
   const int n_block = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x;
@@ -138,49 +144,43 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     __syncthreads();
     n_visits = *reinterpret_cast<const int*>(smem + Tr::kOffCount);
   }
-  auto tile = [&](int i) {  // the query tile of visit i, or m_end past the last
-    return i >= n_visits ? m_end : sparse ? static_cast<int>(tile_list[i]) : m_begin + i;
+  auto tile = [&](int i) {  // the query tile of visit i < n_visits
+    return sparse ? static_cast<int>(tile_list[i]) : m_begin + i;
   };
-  const int m_first = tile(0);
+  const int m_first = n_visits > 0 ? tile(0) : m_end;
 
   const T* k_ptr = static_cast<const T*>(p.k) + s.tok(b, s.k_start, p.k_batch_stride, p.k_row_stride, hk, p.k_head_stride);
   const T* v_ptr = static_cast<const T*>(p.v) + s.tok(b, s.k_start, p.v_batch_stride, p.v_row_stride, hk, p.v_head_stride);
-  const int64_t lse_off = b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
-  const float* lse_ptr = p.lse + lse_off;
-  const float* dsum_ptr = p.dsoftmax_sum + lse_off;
-  // This block's chunk of query tile m is dq_tiles + m x dq_tile_stride (DqTiles).
+  // This block's chunk of query tile m is dq_tiles + m x dq_tile_stride (DqTiles), its row statistics
+  // StatTiles::chunk(.., m) (lse2 then rowsum(dO O), padding rows included).
   float* const dq_tiles = p.dq_accum + (DqT::tile0(s, b, p.seqlen_q) * p.num_heads_q + h) * DqT::kChunk;
   const int64_t dq_tile_stride = static_cast<int64_t>(p.num_heads_q) * DqT::kChunk;
-  const bool compute_dq = !p.deterministic;
 
-  // Prologue: K, V (cp.async, all threads) and the first query tile. A query tile is Q and dO by TMA
-  // (thread 0) plus the row statistics by cp.async (threads < kBlockM), all completing on the stage's
-  // "full" mbarrier (1 expect-tx arrival + one cp.async arrival per thread).
+  // Prologue: K, V (cp.async, all threads) and the first two query tiles. A query tile is Q and dO by
+  // TMA and its row statistics by a bulk copy (thread 0), all completing on the stage's "full" mbarrier.
   T* const smem_t = reinterpret_cast<T*>(smem);
   if (tid == 0) {
-    mbar_init(bar_full, 1 + kThreads);
-    mbar_init(bar_full + 8, 1 + kThreads);
+    mbar_init(bar_full, 1);
+    mbar_init(bar_full + 8, 1);
     mbar_init_fence();
   }
   __syncthreads();
   bwd::copy_tile<KTile, kThreads>(smem_t, k_ptr, p.k_row_stride, col0, s.seqlen_k, tid);
   bwd::copy_tile<KTile, kThreads>(smem_t + Tr::kOffV / 2, v_ptr, p.v_row_stride, col0, s.seqlen_k, tid);
   cp_async_commit();
-  auto load_query_tile = [&](int m, int stage) {
-    const int row0 = m * kBlockM;
+  auto load_query_tile = [&](int m, int stage) {  // thread 0
     const uint32_t bar = bar_full + 8 * stage;
-    if (tid == 0) {
-      // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
-      const int tma_row = (s.varlen ? s.q_start : 0) + row0, tma_batch = s.varlen ? 0 : b;
-      mbar_arrive_expect_tx(bar, 2 * QTile::kBytes);
-      tma_load_tile<QTile>(sQ0 + stage * QTile::kBytes, &maps.q, bar, tma_row, h, tma_batch);
-      tma_load_tile<QTile>(sdO0 + stage * QTile::kBytes, &maps.dout, bar, tma_row, h, tma_batch);
-    }
-    bwd::copy_row_stats<kBlockM, kThreads>(sLse + stage * kBlockM, lse_ptr, row0, s.seqlen_q, tid);
-    bwd::copy_row_stats<kBlockM, kThreads>(sDsum + stage * kBlockM, dsum_ptr, row0, s.seqlen_q, tid);
-    cp_async_mbar_arrive_noinc(bar);
+    // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
+    const int tma_row = (s.varlen ? s.q_start : 0) + m * kBlockM, tma_batch = s.varlen ? 0 : b;
+    mbar_arrive_expect_tx(bar, 2 * QTile::kBytes + 4 * StatT::kChunk);
+    tma_load_tile<QTile>(sQ0 + stage * QTile::kBytes, &maps.q, bar, tma_row, h, tma_batch);
+    tma_load_tile<QTile>(sdO0 + stage * QTile::kBytes, &maps.dout, bar, tma_row, h, tma_batch);
+    bulk_load(sStats + stage * 4 * StatT::kChunk, StatT::chunk(p, s, b, h, m), 4 * StatT::kChunk, bar);
   };
-  if (m_first < m_end) load_query_tile(m_first, 0);
+  if (tid == 0) {
+    if (n_visits > 0) load_query_tile(m_first, 0);
+    if (n_visits > 1) load_query_tile(tile(1), 1);
+  }
   cp_async_wait<0>();
   fence_proxy_async();
   __syncthreads();  // K and V are in
@@ -195,163 +195,179 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   for (int i = 0; i < WgKV::kRegs; ++i) acc_dk[i] = acc_dv[i] = 0.f;
   const float scale_log2 = p.softmax_scale_log2;
 
-  // One block-wide barrier per iteration (dS^T exchange before dQ). The query stage that iteration
-  // it + 1 loads was last read in iteration it - 1, before that iteration's barrier; dS^T alternates
-  // between two buffers, so a warpgroup a phase ahead never overwrites what the other's dQ reads.
-  int it = 0;
-  for (int m_block = m_first; m_block < m_end; ++it) {
-    const int stage = it & 1;
-    const uint32_t sdS = sdS0 + stage * DSTile::kBytes;
-    const int row0 = m_block * kBlockM;
-    const int m_next = tile(it + 1);
-    mbar_wait(bar_full + 8 * stage, (it >> 1) & 1);  // this tile's Q / dO / stats are in
-    if (m_next < m_end) load_query_tile(m_next, stage ^ 1);
-
-    // One query tile; kMasked: the tile may need the causal / sequence-end mask (need_mask says).
-    const bool need_mask = col0 + kBlockN > s.seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
-    auto process_tile = [&](auto masked) {
-      constexpr bool kMasked = decltype(masked)::value;
-      const uint32_t sQ = sQ0 + stage * QTile::kBytes, sdO = sdO0 + stage * QTile::kBytes;
-      const float* lse_s = sLse + stage * kBlockM;
-      const float* dsum_s = sDsum + stage * kBlockM;
-
-      // S^T, and dP^T issued right behind it unless registers are short (masked tiles at head dim 64
-      // causal, where the mask arithmetic would spill with dP^T's accumulators live): then dP^T goes
-      // out after P^T.
-      constexpr bool kDpEarly = !(kMasked && kIsCausal && kBlockM == 128);
-      float acc_s[WgS::kRegs], acc_dp[WgS::kRegs];
-      auto issue_dp = [&] {
-  #pragma unroll
-        for (int kk = 0; kk < kDSteps; ++kk) {
-          const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
-          const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
-          WgS::template ss<0, 0>(acc_dp, smem_desc(sV + a_off, 16, 1024), smem_desc(sdO + b_off, 16, 1024), kk);
-        }
-        wgmma_commit();
-      };
-      wgmma_fence();
-  #pragma unroll
-      for (int kk = 0; kk < kDSteps; ++kk) {
-        const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
-        const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
-        WgS::template ss<0, 0>(acc_s, smem_desc(sK + a_off, 16, 1024), smem_desc(sQ + b_off, 16, 1024), kk);
-      }
-      wgmma_commit();
-      if constexpr (kDpEarly) {
-        issue_dp();
-        wgmma_wait<1>();
-      } else {
-        wgmma_wait<0>();
-      }
-      fence_operand(acc_s);
-
-      // P^T = exp2(S^T scale_log2 - lse2[query]); zero for keys past the end, hidden keys (causal)
-      // and queries past the end or with no visible key (lse2 = +inf there).
-  #pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j)
-  #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qcol = 8 * j + 2 * t4 + (e % 2);
-          const int key = col0 + key_row + 8 * (e / 2);
-          const float lse2 = bwd::lse_log2(lse_s[qcol], row0 + qcol < s.seqlen_q);
-          float pv = fast_exp2(acc_s[4 * j + e] * scale_log2 - lse2);
-          if (kMasked && need_mask && (key >= s.seqlen_k || (kIsCausal && key > row0 + qcol + diag))) pv = 0.f;
-          acc_s[4 * j + e] = pv;
-        }
-      uint32_t p_a[kMSteps][4];
-  #pragma unroll
-      for (int kk = 0; kk < kMSteps; ++kk) {
-        p_a[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-        p_a[kk][1] = pack_float2<T>(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-        p_a[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-        p_a[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
-      }
-      // dV += P^T dO (B = dO, MN-major: k16 step = 16 query rows).
-      wgmma_fence();
-      if constexpr (!kDpEarly) issue_dp();
-  #pragma unroll
-      for (int kk = 0; kk < kMSteps; ++kk)
-        WgKV::template rs<1>(acc_dv, p_a[kk], smem_desc(sdO + kk * 16 * 128, QTile::kBlockBytes, 1024));
-      wgmma_commit();
-      wgmma_wait<1>();  // dP^T done (dV may still run: it only reads p_a)
-      fence_operand(acc_dp);
-
-      // dS^T = P^T (dP^T - rowsum(dO O)[query]), P^T from its packed form. Register r of a k16 step
-      // holds columns 16 kk + 8 (r / 2) + 2 t4 (+1) of row g + 8 (r % 2).
-      uint32_t ds_a[kMSteps][4];
-  #pragma unroll
-      for (int kk = 0; kk < kMSteps; ++kk)
-  #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int qcol = 16 * kk + 8 * (r / 2) + 2 * t4;
-          const float2 pv = unpack_float2<T>(p_a[kk][r]);
-          const int i = 8 * kk + 2 * r;  // accumulator index of that pair
-          ds_a[kk][r] = pack_float2<T>(pv.x * (acc_dp[i] - dsum_s[qcol]), pv.y * (acc_dp[i + 1] - dsum_s[qcol + 1]));
-        }
-      // dK += dS^T Q (B = Q, MN-major).
-      wgmma_fence();
-  #pragma unroll
-      for (int kk = 0; kk < kMSteps; ++kk)
-        WgKV::template rs<1>(acc_dk, ds_a[kk], smem_desc(sQ + kk * 16 * 128, QTile::kBlockBytes, 1024));
-      wgmma_commit();
-
-      if (compute_dq) {
-        // dS^T to shared memory: element (key, query) at DSTile (row key, column query), one stmatrix
-        // per k16 step: its four 8 x 8 matrices are ds_a[kk][0..3] (keys +0 / +8, queries +0 / +8), and
-        // lane l gives the address of row l % 8 of matrix l / 8 (16 bytes: one swizzled chunk).
-        const int st_key = 64 * wg + 16 * warp + lane % 8 + 8 * ((lane / 8) % 2), st_col = 8 * (lane / 16);
-  #pragma unroll
-        for (int kk = 0; kk < kMSteps; ++kk)
-          stmatrix_x4(sdS + 2 * DSTile::offset(st_key, 16 * kk + st_col), ds_a[kk]);
-      }
-      wgmma_wait<0>();
-      fence_operand(acc_dv);
-      fence_operand(acc_dk);
-      if (!compute_dq) __syncthreads();  // the iteration's barrier (both are done with this stage)
-      if (compute_dq) {
-        fence_proxy_async();
-        if (lane == 0) bulk_wait_read<0>();  // the previous tile's dQ has left shared memory
-        __syncthreads();  // both warpgroups' dS^T are in shared memory; both are done with this stage
-        // dQ part of this warpgroup = dS K: A = dS (M-major view of dS^T), B = K (MN-major), k16 step
-        // = 16 keys.
-        const uint32_t a_start = sdS + (DqT::kByRows ? wg * DSTile::kBlockBytes : 0);
-        const uint32_t b_start = sK + (DqT::kByRows ? 0 : wg * KTile::kBlockBytes);
-        float acc_dq[WgQ::kRegs];
-        wgmma_fence();
-  #pragma unroll
-        for (int kk = 0; kk < kNSteps; ++kk)
-          WgQ::template ss<1, 1>(acc_dq, smem_desc(a_start + kk * 16 * 128, DSTile::kBlockBytes, 1024),
-                                 smem_desc(b_start + kk * 16 * 128, KTile::kBlockBytes, 1024), kk);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_operand(acc_dq);
-        // This warp's 32 x 32 values to shared memory in DqTiles order, then one bulk reduce-add of
-        // them into the tile's chunk of dq_accum (the copy engine does the fp32 additions; rows past the
-        // sequence's end land in its own padding tile, which the conversion skips).
-        const int warp_off = (4 * wg + warp) * DqT::kWarpFloats;
-        float* const sdq_warp = reinterpret_cast<float*>(smem + Tr::kOffdQ) + warp_off;
-  #pragma unroll
-        for (int j = 0; j < 8; ++j)
-          *reinterpret_cast<float4*>(sdq_warp + 4 * (32 * j + lane)) =
-              make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
-        fence_proxy_async();
-        __syncwarp();
-        if (lane == 0) {
-          bulk_reduce_add_f32(dq_tiles + m_block * dq_tile_stride + warp_off, base + Tr::kOffdQ + 4 * warp_off,
-                              4 * DqT::kWarpFloats);
-          bulk_commit();
-        }
-      }
-    };
-    // Two instances at head dim 64, tiles that may need the causal / sequence-end mask and the rest
-    // without it; one at head dim 128, masking at run time (two instances spill there).
-    if (kBlockM == 64 || need_mask) process_tile(std::true_type{});
-    else process_tile(std::false_type{});
-    m_block = m_next;
+  // S^T of a query tile (acc_s), at head dim 128 issued one iteration ahead: tile it + 1's right behind
+  // tile it's dQ. (At head dim 64, 128 queries per tile, that pins acc_s's 64 registers for the whole
+  // loop and spills; without dQ ptxas serialises the GEMMs. There each iteration issues its own S^T.)
+  constexpr bool kSAhead = D == 128 && kDq;
+  float acc_s[WgS::kRegs];
+  auto issue_s = [&](int stage) {
+    const uint32_t sQ = sQ0 + stage * QTile::kBytes;
+#pragma unroll
+    for (int kk = 0; kk < kDSteps; ++kk) {
+      const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
+      const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+      WgS::template ss<0, 0>(acc_s, smem_desc(sK + a_off, 16, 1024), smem_desc(sQ + b_off, 16, 1024), kk);
+    }
+  };
+  if (kSAhead && n_visits > 0) {
+    mbar_wait(bar_full, 0);
+    wgmma_fence();
+    issue_s(0);
+    wgmma_commit();
   }
 
+  // One block-wide barrier per iteration (dS^T exchange before dQ); after it both warpgroups are done
+  // with this iteration's query stage, which then takes tile it + 2. dS^T alternates between two
+  // buffers: a warpgroup's stores for tile it + 1 come before the barrier that the other warpgroup
+  // passes only after its dQ of tile it - 1 (which read that buffer) has completed.
+  for (int it = 0; it < n_visits; ++it) {
+    const int stage = it & 1;
+    const int m_block = tile(it);
+    const uint32_t sQ = sQ0 + stage * QTile::kBytes, sdO = sdO0 + stage * QTile::kBytes;
+    const uint32_t sdS = sdS0 + stage * DSTile::kBytes;
+    const float* const lse2_s = reinterpret_cast<const float*>(smem + Tr::kOffStats) + stage * StatT::kChunk;
+    const float* const dsum_s = lse2_s + kBlockM;
+    const int row0 = m_block * kBlockM;
+
+    // dP^T = V dO^T behind this tile's S^T (kSAhead: issued in the previous iteration or the prologue).
+    float acc_dp[WgS::kRegs];
+    if constexpr (!kSAhead) mbar_wait(bar_full + 8 * stage, (it >> 1) & 1);  // this tile's Q / dO / stats
+    wgmma_fence();
+    if constexpr (!kSAhead) {
+      issue_s(stage);
+      wgmma_commit();
+    }
+#pragma unroll
+    for (int kk = 0; kk < kDSteps; ++kk) {
+      const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
+      const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+      WgS::template ss<0, 0>(acc_dp, smem_desc(sV + a_off, 16, 1024), smem_desc(sdO + b_off, 16, 1024), kk);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // S^T
+    fence_operand(acc_s);
+
+    // P^T = exp2(S^T scale_log2 - lse2[query]), packed at once into the A operand of dV (acc_s is only
+    // ever written by wgmma: the S^T in flight across the loop's back edge keeps its registers). Exactly
+    // 0 on empty and padding query rows (lse2 = +inf). Register r of k16 step kk holds the accumulators
+    // 8 kk + 2 r (+1): query columns 16 kk + 8 (r / 2) + 2 t4 (+1) of key row key_row + 8 (r % 2).
+    uint32_t p_a[kMSteps][4];
+#pragma unroll
+    for (int kk = 0; kk < kMSteps; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int i = 8 * kk + 2 * r, qcol = 16 * kk + 8 * (r / 2) + 2 * t4;
+        const float2 lse2 = *reinterpret_cast<const float2*>(lse2_s + qcol);
+        p_a[kk][r] = pack_float2<T>(fast_exp2(acc_s[i] * scale_log2 - lse2.x), fast_exp2(acc_s[i + 1] * scale_log2 - lse2.y));
+      }
+    // Keys past the end and hidden keys (causal) are zeroed in the packed values, only in the tiles that
+    // need_mask (a branch around a pass of its own, so that the other tiles pay nothing for it).
+    const bool need_mask = col0 + kBlockN > s.seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
+    if (need_mask) {
+#pragma unroll
+      for (int kk = 0; kk < kMSteps; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int key = col0 + key_row + 8 * (r % 2), last = row0 + 16 * kk + 8 * (r / 2) + 2 * t4 + diag;
+          const bool past_end = key >= s.seqlen_k;
+          const bool keep_lo = !past_end && !(kIsCausal && key > last);
+          const bool keep_hi = !past_end && !(kIsCausal && key > last + 1);
+          p_a[kk][r] &= (keep_lo ? 0x0000ffffu : 0u) | (keep_hi ? 0xffff0000u : 0u);
+        }
+    }
+    // dV += P^T dO (B = dO, MN-major: k16 step = 16 query rows).
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kMSteps; ++kk)
+      WgKV::template rs<1>(acc_dv, p_a[kk], smem_desc(sdO + kk * 16 * 128, QTile::kBlockBytes, 1024));
+    wgmma_commit();
+    wgmma_wait<1>();  // dP^T done (dV may still run: it only reads p_a)
+    fence_operand(acc_dp);
+
+    // dS^T = P^T (dP^T - rowsum(dO O)[query]), P^T from its packed form (as rounded for dV, as
+    // PyTorch's own low-precision backward does). Register r of a k16 step holds columns
+    // 16 kk + 8 (r / 2) + 2 t4 (+1) of row g + 8 (r % 2).
+    uint32_t ds_a[kMSteps][4];
+#pragma unroll
+    for (int kk = 0; kk < kMSteps; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int qcol = 16 * kk + 8 * (r / 2) + 2 * t4;
+        const float2 pv = unpack_float2<T>(p_a[kk][r]);
+        const float2 dsum = *reinterpret_cast<const float2*>(dsum_s + qcol);
+        const int i = 8 * kk + 2 * r;  // accumulator index of that pair
+        ds_a[kk][r] = pack_float2<T>(pv.x * (acc_dp[i] - dsum.x), pv.y * (acc_dp[i + 1] - dsum.y));
+      }
+    // dK += dS^T Q (B = Q, MN-major).
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kMSteps; ++kk)
+      WgKV::template rs<1>(acc_dk, ds_a[kk], smem_desc(sQ + kk * 16 * 128, QTile::kBlockBytes, 1024));
+    wgmma_commit();
+    if constexpr (kDq) {
+      // dS^T to shared memory: element (key, query) at DSTile (row key, column query), one stmatrix
+      // per k16 step: its four 8 x 8 matrices are ds_a[kk][0..3] (keys +0 / +8, queries +0 / +8), and
+      // lane l gives the address of row l % 8 of matrix l / 8 (16 bytes: one swizzled chunk).
+      const int st_key = 64 * wg + 16 * warp + lane % 8 + 8 * ((lane / 8) % 2), st_col = 8 * (lane / 16);
+#pragma unroll
+      for (int kk = 0; kk < kMSteps; ++kk)
+        stmatrix_x4(sdS + 2 * DSTile::offset(st_key, 16 * kk + st_col), ds_a[kk]);
+      fence_proxy_async();
+    }
+    wgmma_wait<0>();
+    fence_operand(acc_dv);
+    fence_operand(acc_dk);
+    __syncthreads();  // both warpgroups' dS^T are in shared memory; both are done with this stage
+    if (tid == 0 && it + 2 < n_visits) load_query_tile(tile(it + 2), stage);
+
+    // dQ part of this warpgroup = dS K: A = dS (M-major view of dS^T), B = K (MN-major), k16 step
+    // = 16 keys. The next tile's S^T goes out right behind it, so the tensor cores have work while
+    // this warpgroup stores dQ.
+    float acc_dq[WgQ::kRegs];
+    if constexpr (kDq) {
+      const uint32_t a_start = sdS + (DqT::kByRows ? wg * DSTile::kBlockBytes : 0);
+      const uint32_t b_start = sK + (DqT::kByRows ? 0 : wg * KTile::kBlockBytes);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kNSteps; ++kk)
+        WgQ::template ss<1, 1>(acc_dq, smem_desc(a_start + kk * 16 * 128, DSTile::kBlockBytes, 1024),
+                               smem_desc(b_start + kk * 16 * 128, KTile::kBlockBytes, 1024), kk);
+      wgmma_commit();
+    }
+    if (kSAhead && it + 1 < n_visits) {
+      mbar_wait(bar_full + 8 * (stage ^ 1), ((it + 1) >> 1) & 1);  // the next tile's Q / dO / stats
+      wgmma_fence();
+      issue_s(stage ^ 1);
+    }
+    if constexpr (kDq) wgmma_commit();  // (an empty group when no S^T went out keeps the count below)
+    if constexpr (kDq) {
+      wgmma_wait<1>();  // dQ
+      fence_operand(acc_dq);
+      // This warp's 32 x 32 values to shared memory in DqTiles order (once the previous tile's bulk
+      // reduce-add has read them), then one bulk reduce-add of them into the tile's chunk of dq_accum
+      // (the copy engine does the fp32 additions; rows past the sequence's end land in its own padding
+      // tile, which the conversion skips).
+      const int warp_off = (4 * wg + warp) * DqT::kWarpFloats;
+      float* const sdq_warp = reinterpret_cast<float*>(smem + Tr::kOffdQ) + warp_off;
+      if (lane == 0) bulk_wait_read<0>();
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        *reinterpret_cast<float4*>(sdq_warp + 4 * (32 * j + lane)) =
+            make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+      fence_proxy_async();
+      __syncwarp();
+      if (lane == 0) {
+        bulk_reduce_add_f32(dq_tiles + m_block * dq_tile_stride + warp_off, base + Tr::kOffdQ + 4 * warp_off,
+                            4 * DqT::kWarpFloats);
+        bulk_commit();
+      }
+    }
+  }
+  wgmma_wait<0>();
+
   // Epilogue: dK (scaled) and dV through shared memory (the K / V tiles) for 16-byte stores.
-  if (compute_dq && lane == 0) bulk_wait<0>();  // the last dQ reduction is done with shared memory
+  if (kDq && lane == 0) bulk_wait<0>();  // the last dQ reduction is done with shared memory
   __syncthreads();  // every warpgroup is done reading sK, sV
   const float scale = p.softmax_scale;
 #pragma unroll
@@ -410,8 +426,9 @@ void launch_convert_dq(const FlashBwdParams& p, cudaStream_t stream) {
 template <int D, typename T, bool kIsCausal>
 bool launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<D, T>;
-  auto kernel = flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal>;
-  static const bool available = has_sm90_code(kernel);
+  auto kernel = p.deterministic ? flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal, false>
+                                : flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal, true>;
+  static const bool available = has_sm90_code(flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal, true>);
   if (!available) return false;
   QdoMaps maps;
   const bool bf16 = TypeTraits<T>::kIsBf16;

@@ -31,6 +31,13 @@ struct SeqInfo {
   __device__ __forceinline__ int64_t dq_accum_row(int b, int max_seqlen_q) const {
     return varlen ? q_start : static_cast<int64_t>(b) * max_seqlen_q;
   }
+  // Index of sequence b's first kBlockM-row query tile in a per-tile workspace (the Hopper backward's
+  // dq_accum and row statistics): padded batch b x tiles per sequence; packed varlen q_start / kBlockM + b,
+  // so that two sequences never share a tile. At most rows / kBlockM + batch tiles either way.
+  template <int kBlockM>
+  __device__ __forceinline__ int64_t query_tile0(int b, int max_seqlen_q) const {
+    return varlen ? q_start / kBlockM + b : static_cast<int64_t>(b) * ((max_seqlen_q + kBlockM - 1) / kBlockM);
+  }
 };
 
 }  // namespace longctx

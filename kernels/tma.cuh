@@ -105,6 +105,14 @@ __device__ __forceinline__ void bulk_wait() {
 
 // ---- TMA -----------------------------------------------------------------------------------------
 
+// shared[dst, dst + bytes) = global[src, src + bytes), by the copy engine, completing `bytes` on
+// mbarrier `bar` (both addresses 16-byte aligned, bytes a multiple of 16).
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
 // One 64-column x box-rows tile of a (D, rows, heads, batch) tensor into shared memory at `dst`,
 // completing `bytes` on mbarrier `bar`.
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int col, int row,
