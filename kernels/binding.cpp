@@ -238,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, c
   // per sequence (DqTiles in flash_bwd_sm90.cuh: batch x ceil(Sq / 128) tiles, or total / 128 + batch
   // when packed), never fewer rows than that.
   const int64_t tiled_rows = 128 * (varlen ? rows / 128 + batch : batch * ((q.size(1) + 127) / 128));
-  Tensor dq_accum = at::zeros({std::max(rows, tiled_rows), hq, d}, q.options().dtype(at::kFloat));
+  Tensor dq_accum = at::empty({std::max(rows, tiled_rows), hq, d}, q.options().dtype(at::kFloat));
   Tensor dsoftmax_sum = at::empty_strided(lse.sizes(), lse.strides(), lse.options());
   // The Hopper backward's row statistics per query tile (StatTiles in flash_bwd.cuh).
   Tensor row_stat_tiles;
@@ -254,6 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, c
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq_accum_floats = dq_accum.numel();  // zeroed where it is needed (run_flash_bwd_hdim)
   p.dsoftmax_sum = dsoftmax_sum.data_ptr<float>();
   p.row_stat_tiles = row_stat_tiles.defined() ? row_stat_tiles.data_ptr<float>() : nullptr;
   p.dk_accum = nullptr;

@@ -72,6 +72,8 @@ struct FlashBwdParams : FlashFwdParams {
   void* __restrict__ dk;           // (.., Hk, D): GQA heads are summed into their K/V head
   void* __restrict__ dv;
   float* __restrict__ dq_accum;    // fp32 workspace, (B, Sq, Hq, D_padded) or (total_q, Hq, D_padded)
+  int64_t dq_accum_floats;         // its size; it arrives uninitialised (run_flash_bwd_hdim zeroes it)
+  bool zero_dq_tiles;              // set by run_flash_bwd_hdim: flash_bwd_dot_do_o_kernel zeroes its tiles
   float* __restrict__ dsoftmax_sum;  // fp32 workspace laid out like lse: rowsum(dO * O)
   // fp32 workspace of the Hopper backward, or nullptr: per (query tile, head) the tile's lse in base 2
   // (+inf on empty and padding rows), then its rowsum(dO * O) (0 on padding rows); StatTiles in

@@ -145,8 +145,19 @@ __global__ void __launch_bounds__(kRowKernelThreads) flash_bwd_dot_do_o_kernel(c
   const int c = (threadIdx.x % kRowThreads) * 8;
   constexpr int kTileM = kSm90BlockM<D>;
   const bool tiled = p.row_stat_tiles != nullptr && threadIdx.x % kRowThreads == 0;
+  const bool in_tiles = i < (s.seqlen_q + kTileM - 1) / kTileM * kTileM;  // padding rows included
+  if (D % (4 * kRowThreads) == 0 && p.zero_dq_tiles && in_tiles) {  // (head dims 64 / 128 only)
+    // The Hopper backward's dq_accum (DqTiles, kTileM x D floats per (tile, head)): this row's share of
+    // its tile's chunk, D floats at (i % kTileM) x D (which values they are does not matter here).
+    float4* const dst = reinterpret_cast<float4*>(
+        p.dq_accum + ((s.query_tile0<kTileM>(b, p.seqlen_q) + i / kTileM) * p.num_heads_q + h) * (kTileM * D) +
+        (i % kTileM) * D);
+#pragma unroll
+    for (int k = 0; k < D / (4 * kRowThreads); ++k)
+      dst[threadIdx.x % kRowThreads + k * kRowThreads] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   if (i >= s.seqlen_q) {  // the Hopper backward's padding rows (the grid covers whole 128-row tiles)
-    if (tiled && i < (s.seqlen_q + kTileM - 1) / kTileM * kTileM) {
+    if (tiled && in_tiles) {
       float* const chunk = StatTiles<kTileM>::chunk(p, s, b, h, i / kTileM);
       chunk[i % kTileM] = INFINITY;
       chunk[kTileM + i % kTileM] = 0.f;
@@ -913,22 +924,31 @@ namespace longctx {
 
 // One explicit instantiation per (head dim, dtype) lives in flash_bwd_hdim*_*.cu.
 template <int kHeadDim, typename T>
-void run_flash_bwd_hdim(const FlashBwdParams& p, cudaStream_t stream) {
+void run_flash_bwd_hdim(const FlashBwdParams& params, cudaStream_t stream) {
+  FlashBwdParams p = params;
+  const bool dropout = p.p_dropout > 0.f;
+  // Hopper path (flash_bwd_sm90.cuh) for head dims 64 / 128 without dropout, when enabled, built, and
+  // TMA can address the tensors.
+  sm90::QdoMaps maps;
+  bool hopper = false;
+  if constexpr (kHeadDim == 64 || kHeadDim == 128)
+    hopper = p.use_sm90 && !dropout && sm90::make_dkdv_maps<kHeadDim, T>(p, &maps);
+  // dq_accum starts at zero where it is used (not in deterministic mode): the Hopper path's tiles are
+  // zeroed by the dot(dO, O) kernel on its way, the stage-1 path's rows by a memset.
+  p.zero_dq_tiles = hopper && !p.deterministic;
+  if (!hopper) p.row_stat_tiles = nullptr;
+  if (!hopper && !p.deterministic) cudaMemsetAsync(p.dq_accum, 0, p.dq_accum_floats * sizeof(float), stream);
   // Rows up to a multiple of 128: the Hopper backward's row statistics fill whole query tiles.
   const dim3 grid_rows((p.seqlen_q + 127) / 128 * 128 / bwd::kRowsPerBlock, p.batch, p.num_heads_q);
   bwd::flash_bwd_dot_do_o_kernel<T, kHeadDim><<<grid_rows, bwd::kRowKernelThreads, 0, stream>>>(p);
-  const bool dropout = p.p_dropout > 0.f;
-  // Hopper path (flash_bwd_sm90.cuh) for head dims 64 / 128 without dropout, when enabled and built.
   if constexpr (kHeadDim == 64 || kHeadDim == 128) {
-    if (p.use_sm90 && !dropout) {
-      const bool launched = p.is_causal ? sm90::launch_dkdv<kHeadDim, T, true>(p, stream)
-                                        : sm90::launch_dkdv<kHeadDim, T, false>(p, stream);
-      if (launched) {
-        if (!p.deterministic) sm90::launch_convert_dq<kHeadDim, T>(p, stream);  // dq_accum is tiled
-        else if (p.is_causal) bwd::launch_dq<kHeadDim, T, true, false>(p, stream);
-        else bwd::launch_dq<kHeadDim, T, false, false>(p, stream);
-        return;
-      }
+    if (hopper) {
+      if (p.is_causal) sm90::launch_dkdv<kHeadDim, T, true>(p, maps, stream);
+      else sm90::launch_dkdv<kHeadDim, T, false>(p, maps, stream);
+      if (!p.deterministic) sm90::launch_convert_dq<kHeadDim, T>(p, stream);  // dq_accum is tiled
+      else if (p.is_causal) bwd::launch_dq<kHeadDim, T, true, false>(p, stream);
+      else bwd::launch_dq<kHeadDim, T, false, false>(p, stream);
+      return;
     }
   }
   if (p.is_causal) {

@@ -387,30 +387,41 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #endif
 }
 
-// dq = scale * dq_accum from the tiled layout (DqTiles): one block per (query tile, batch, head), each
-// warp reading back its part of the chunk (512 contiguous bytes per j).
+// dq = scale * dq_accum from the tiled layout (DqTiles): one block per (query tile, batch, head). Each
+// warp reads its part of the chunk (512 contiguous bytes per j) and writes the scaled, rounded values
+// to a row-major tile in shared memory (rows padded by 16 bytes: the 8 rows a store touches fall in
+// distinct banks); then every thread copies 16-byte row pieces out, so the global writes are whole rows.
 template <typename Tr>
 __global__ void __launch_bounds__(256) flash_bwd_convert_dq_tiled_kernel(const FlashBwdParams p) {
   using T = typename Tr::T;
   using DqT = DqTiles<Tr::kBlockM, Tr::D>;
+  constexpr int kRowBytes = 2 * Tr::D + 16;  // padded row of the staging tile
+  __shared__ __align__(16) char tile[Tr::kBlockM * kRowBytes];
   const int m = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
   const SeqInfo s(p, b);
   if (m * Tr::kBlockM >= s.seqlen_q) return;
   const int part = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
   const float* src = p.dq_accum + ((DqT::tile0(s, b, p.seqlen_q) + m) * p.num_heads_q + h) * DqT::kChunk +
                      threadIdx.x / 32 * DqT::kWarpFloats + 4 * lane;
-  T* const dq = static_cast<T*>(p.dq) + s.tok(b, s.q_start, p.dq_batch_stride, p.dq_row_stride, h, p.dq_head_stride);
-  const int r0 = m * Tr::kBlockM + DqT::row(part, warp, lane);  // rows r0 (values 0, 1) and r0 + 8 (2, 3)
+  const int r0 = DqT::row(part, warp, lane);  // rows r0 (values 0, 1) and r0 + 8 (2, 3) of the tile
   const float sc = p.softmax_scale;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const float4 v = *reinterpret_cast<const float4*>(src + 4 * 32 * j);
     const int c = DqT::col(part, j, lane);
-    if (r0 < s.seqlen_q)
-      *reinterpret_cast<uint32_t*>(dq + static_cast<int64_t>(r0) * p.dq_row_stride + c) = pack_float2<T>(v.x * sc, v.y * sc);
-    if (r0 + 8 < s.seqlen_q)
-      *reinterpret_cast<uint32_t*>(dq + static_cast<int64_t>(r0 + 8) * p.dq_row_stride + c) =
-          pack_float2<T>(v.z * sc, v.w * sc);
+    *reinterpret_cast<uint32_t*>(tile + r0 * kRowBytes + 2 * c) = pack_float2<T>(v.x * sc, v.y * sc);
+    *reinterpret_cast<uint32_t*>(tile + (r0 + 8) * kRowBytes + 2 * c) = pack_float2<T>(v.z * sc, v.w * sc);
+  }
+  __syncthreads();
+  T* const dq = static_cast<T*>(p.dq) + s.tok(b, s.q_start, p.dq_batch_stride, p.dq_row_stride, h, p.dq_head_stride);
+  constexpr int kPieces = Tr::D / 8;  // 16-byte pieces per row
+#pragma unroll
+  for (int k = 0; k < Tr::kBlockM * kPieces / 256; ++k) {
+    const int idx = threadIdx.x + 256 * k, r = idx / kPieces, c = 8 * (idx % kPieces);
+    const int row = m * Tr::kBlockM + r;
+    if (row < s.seqlen_q)
+      *reinterpret_cast<uint4*>(dq + static_cast<int64_t>(row) * p.dq_row_stride + c) =
+          *reinterpret_cast<const uint4*>(tile + r * kRowBytes + 2 * c);
   }
 }
 
@@ -421,23 +432,27 @@ void launch_convert_dq(const FlashBwdParams& p, cudaStream_t stream) {
   flash_bwd_convert_dq_tiled_kernel<Tr><<<grid, 256, 0, stream>>>(p);
 }
 
-// dK / dV (and dQ into dq_accum unless deterministic) on the Hopper path; returns false, launching
-// nothing, when this build has no sm_90a code.
+// The tensor maps of Q and dO for the Hopper backward; false when this build has no sm_90a code or TMA
+// cannot address the tensors (the caller then takes the stage-1 kernels).
+template <int D, typename T>
+bool make_dkdv_maps(const FlashBwdParams& p, QdoMaps* maps) {
+  using Tr = BwdTraits<D, T>;
+  static const bool available = has_sm90_code(flash_bwd_dkdv_sm90_kernel<Tr, false, true>);
+  if (!available) return false;
+  const bool bf16 = TypeTraits<T>::kIsBf16;
+  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;  // packed varlen: one "batch" of total rows
+  return make_token_map(&maps->q, p.q, bf16, D, p.rows_q, p.num_heads_q, batch, p.q_row_stride, p.q_head_stride,
+                        p.q_batch_stride, Tr::kBlockM) &&
+         make_token_map(&maps->dout, p.dout, bf16, D, p.rows_q, p.num_heads_q, batch, p.do_row_stride,
+                        p.do_head_stride, p.do_batch_stride, Tr::kBlockM);
+}
+
+// dK / dV (and dQ into dq_accum unless deterministic) on the Hopper path.
 template <int D, typename T, bool kIsCausal>
-bool launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
+void launch_dkdv(const FlashBwdParams& p, const QdoMaps& maps, cudaStream_t stream) {
   using Tr = BwdTraits<D, T>;
   auto kernel = p.deterministic ? flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal, false>
                                 : flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal, true>;
-  static const bool available = has_sm90_code(flash_bwd_dkdv_sm90_kernel<Tr, kIsCausal, true>);
-  if (!available) return false;
-  QdoMaps maps;
-  const bool bf16 = TypeTraits<T>::kIsBf16;
-  const int batch = p.cu_seqlens_q != nullptr ? 1 : p.batch;  // packed varlen: one "batch" of total rows
-  if (!make_token_map(&maps.q, p.q, bf16, D, p.rows_q, p.num_heads_q, batch, p.q_row_stride, p.q_head_stride,
-                      p.q_batch_stride, Tr::kBlockM) ||
-      !make_token_map(&maps.dout, p.dout, bf16, D, p.rows_q, p.num_heads_q, batch, p.do_row_stride,
-                      p.do_head_stride, p.do_batch_stride, Tr::kBlockM))
-    return false;
   // + the mask column and the kept-tile list (int16)
   const int mask_bytes = p.block_mask != nullptr ? ((p.seqlen_q + kMaskBlock - 1) / kMaskBlock + 15) / 16 * 16 +
                                                        2 * ((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM)
@@ -446,7 +461,6 @@ bool launch_dkdv(const FlashBwdParams& p, cudaStream_t stream) {
   bwd::set_smem(kernel, smem);
   const dim3 grid((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, p.batch, p.num_heads_q);
   kernel<<<grid, Tr::kThreads, smem, stream>>>(p, maps);
-  return true;
 }
 
 }  // namespace sm90
