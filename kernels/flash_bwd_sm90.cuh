@@ -72,7 +72,11 @@ struct BwdTraits {
   static_assert(D == 64 || D == 128, "the Hopper backward covers head dims 64 and 128");
   // Queries per iteration: 128 at head dim 64 (twice the work per barrier and per softmax pass),
   // 64 at head dim 128 (registers: dK + dV already hold 128 per thread).
-  static constexpr int kBlockN = 128, kBlockM = D == 64 ? 128 : 64, kThreads = 256;
+  // Three warpgroups: two "math" warpgroups (keys 64g.., the S^T / dP^T / dV / dK GEMMs and the
+  // elementwise work) and one dQ warpgroup (the dQ GEMM, its reduction into dq_accum, the loads).
+  static constexpr int kBlockN = 128, kBlockM = D == 64 ? 128 : 64, kThreads = 384;
+  // setmaxnreg: 2 x 224 + 64 = 512 = 3 x 170.7.
+  static constexpr int kMathRegs = 224, kDqRegs = 64;
   using KTile = SwizzledTile<kBlockN, D>;   // K, V: [keys][D]
   using QTile = SwizzledTile<kBlockM, D>;   // Q, dO: [queries][D], two stages each
   using DSTile = SwizzledTile<kBlockN, kBlockM>;  // dS^T: [keys][queries]
@@ -83,8 +87,10 @@ struct BwdTraits {
   static constexpr int kOffdS = kOffdO + 2 * QTile::kBytes;      // two dS^T buffers (by iteration parity)
   static constexpr int kOffdQ = kOffdS + 2 * DSTile::kBytes;     // this tile's dQ (fp32, DqTiles order)
   static constexpr int kOffStats = kOffdQ + 4 * kBlockM * D;     // [2 stages][lse2, rowsum(dO O)][kBlockM]
-  static constexpr int kOffBar = kOffStats + 4 * kBlockM * 4;    // "full" mbarrier of each query stage
-  static constexpr int kOffCount = kOffBar + 16;                 // block-sparse: kept query tiles
+  // mbarriers, two of each (by stage / dS^T buffer): full (a query tile is in), empty (both math
+  // warpgroups are done with it), dS full (both math warpgroups' dS^T is stored), dS empty (dQ read it).
+  static constexpr int kOffBar = kOffStats + 4 * kBlockM * 4;
+  static constexpr int kOffCount = kOffBar + 64;                 // block-sparse: kept query tiles
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: the mask column, then the kept-tile list
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask column and list)
 };
@@ -106,15 +112,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using WgS = Wgmma<kBlockM, T>;   // S^T, dP^T: 64 keys x kBlockM queries
   using WgKV = Wgmma<D, T>;        // dK, dV: 64 keys x D
   using WgQ = Wgmma<64, T>;        // dQ: a 64 x 64 part
-  static_assert(kBlockM * D == 128 * 64, "dQ splits into one 64 x 64 part per warpgroup");
-  using DqT = DqTiles<kBlockM, D>;  // warpgroup g computes dQ part g (rows or columns 64g..)
+  static_assert(kBlockM * D == 128 * 64, "dQ is two 64 x 64 parts");
+  using DqT = DqTiles<kBlockM, D>;  // the dQ warpgroup computes part p (rows or columns 64p..) in turn
   using StatT = bwd::StatTiles<kBlockM>;
 
   extern __shared__ char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   char* const smem = smem_raw + (base - smem_u32(smem_raw));
   const uint32_t sK = base, sV = base + Tr::kOffV, sQ0 = base + Tr::kOffQ, sdO0 = base + Tr::kOffdO;
-  const uint32_t sdS0 = base + Tr::kOffdS, bar_full = base + Tr::kOffBar;
+  const uint32_t sdS0 = base + Tr::kOffdS, bars = base + Tr::kOffBar;
   const uint32_t sStats = base + Tr::kOffStats;  // [2 stages][lse2, rowsum(dO O)][kBlockM]
 
   const int n_block = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
@@ -157,19 +163,27 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int64_t dq_tile_stride = static_cast<int64_t>(p.num_heads_q) * DqT::kChunk;
 
   // Prologue: K, V (cp.async, all threads) and the first two query tiles. A query tile is Q and dO by
-  // TMA and its row statistics by a bulk copy (thread 0), all completing on the stage's "full" mbarrier.
+  // TMA and its row statistics by a bulk copy (one thread), all completing on the stage's "full" mbarrier.
   T* const smem_t = reinterpret_cast<T*>(smem);
+  auto full = [&](int st) { return bars + 8 * st; };
+  auto empty = [&](int st) { return bars + 16 + 8 * st; };
+  auto ds_full = [&](int st) { return bars + 32 + 8 * st; };
+  auto ds_empty = [&](int st) { return bars + 48 + 8 * st; };
   if (tid == 0) {
-    mbar_init(bar_full, 1);
-    mbar_init(bar_full + 8, 1);
+    for (int st = 0; st < 2; ++st) {
+      mbar_init(full(st), 1);
+      mbar_init(empty(st), 8);     // lane 0 of each math warp
+      mbar_init(ds_full(st), 8);   // lane 0 of each math warp
+      mbar_init(ds_empty(st), 4);  // lane 0 of each dQ warp
+    }
     mbar_init_fence();
   }
   __syncthreads();
   bwd::copy_tile<KTile, kThreads>(smem_t, k_ptr, p.k_row_stride, col0, s.seqlen_k, tid);
   bwd::copy_tile<KTile, kThreads>(smem_t + Tr::kOffV / 2, v_ptr, p.v_row_stride, col0, s.seqlen_k, tid);
   cp_async_commit();
-  auto load_query_tile = [&](int m, int stage) {  // thread 0
-    const uint32_t bar = bar_full + 8 * stage;
+  auto load_query_tile = [&](int m, int stage) {  // one thread
+    const uint32_t bar = full(stage);
     // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
     const int tma_row = (s.varlen ? s.q_start : 0) + m * kBlockM, tma_batch = s.varlen ? 0 : b;
     mbar_arrive_expect_tx(bar, 2 * QTile::kBytes + 4 * StatT::kChunk);
@@ -185,190 +199,187 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   fence_proxy_async();
   __syncthreads();  // K and V are in
 
-  // Thread coordinates inside the warpgroup's m64 accumulators (wgmma.cuh): rows 16 warp + g (+8),
-  // columns 8j + 2 t4 (+1).
-  const int wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  const int key_row = 64 * wg + 16 * warp + g;  // this thread's first key row inside the block
+  // Warpgroup index, warp-uniform by construction (a shuffle from lane 0) so that ptxas keeps what
+  // derives from it in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
 
+  if (wg == 2) {
+    // dQ warpgroup. Iteration it: once both math warpgroups' dS^T of tile it is in shared memory, dQ =
+    // dS K in two 64 x 64 parts (query rows 64p.. at 128 queries, else columns 64p..), each staged in
+    // shared memory in DqTiles order and added to dq_accum by the copy engine (one bulk reduce-add per
+    // warp and part; rows past the sequence's end land in its own padding tile, which the conversion
+    // skips). Warp 0 then loads tile it + 2 into the stage both math warpgroups have released.
+    regs_dec<Tr::kDqRegs>();
+    for (int it = 0; it < n_visits; ++it) {
+      const int stage = it & 1;
+      if constexpr (kDq) {
+        const uint32_t sdS = sdS0 + stage * DSTile::kBytes;
+        const int m_block = tile(it);
+        mbar_wait(ds_full(stage), (it >> 1) & 1);
+#pragma unroll 1
+        for (int part = 0; part < 2; ++part) {
+          // A = dS (M-major view of dS^T), B = K (MN-major), k16 step = 16 keys.
+          const uint32_t a_start = sdS + (DqT::kByRows ? part * DSTile::kBlockBytes : 0);
+          const uint32_t b_start = sK + (DqT::kByRows ? 0 : part * KTile::kBlockBytes);
+          float acc_dq[WgQ::kRegs];
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kNSteps; ++kk)
+            WgQ::template ss<1, 1>(acc_dq, smem_desc(a_start + kk * 16 * 128, DSTile::kBlockBytes, 1024),
+                                   smem_desc(b_start + kk * 16 * 128, KTile::kBlockBytes, 1024), kk);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_operand(acc_dq);
+          if (part == 1) mbar_arrive_if(ds_empty(stage), lane == 0);  // dS^T buffer read
+          // This warp's 32 x 32 values of the part, once its bulk reduce-add of the tile before has read
+          // them (the most recent bulk group, the other part's, may still be reading its own region).
+          const int warp_off = (4 * part + warp) * DqT::kWarpFloats;
+          float* const sdq_warp = reinterpret_cast<float*>(smem + Tr::kOffdQ) + warp_off;
+          if (lane == 0) bulk_wait_read<1>();
+          __syncwarp();
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            *reinterpret_cast<float4*>(sdq_warp + 4 * (32 * j + lane)) =
+                make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+          fence_proxy_async();
+          __syncwarp();
+          if (lane == 0) {
+            bulk_reduce_add_f32(dq_tiles + m_block * dq_tile_stride + warp_off, base + Tr::kOffdQ + 4 * warp_off,
+                                4 * DqT::kWarpFloats);
+            bulk_commit();
+          }
+        }
+      }
+      if (warp == 0 && it + 2 < n_visits) {
+        mbar_wait(empty(stage), (it >> 1) & 1);  // both math warpgroups are done with tile it
+        if (lane == 0) load_query_tile(tile(it + 2), stage);
+        __syncwarp();
+      }
+    }
+    if (kDq && lane == 0) bulk_wait<0>();  // the last dQ reductions are done with shared memory
+    named_arrive(1, kThreads);              // done with sK: the math warpgroups may overwrite it
+    return;
+  }
+  // Math warpgroup wg: keys 64 wg .. 64 wg + 63 of the block, every query tile.
+  regs_inc<Tr::kMathRegs>();
+  const int key_row = 64 * wg + 16 * warp + g;  // this thread's first key row inside the block
   float acc_dk[WgKV::kRegs], acc_dv[WgKV::kRegs];
 #pragma unroll
   for (int i = 0; i < WgKV::kRegs; ++i) acc_dk[i] = acc_dv[i] = 0.f;
-  const float scale_log2 = p.softmax_scale_log2;
+  {
+    const float scale_log2 = p.softmax_scale_log2;
+    for (int it = 0; it < n_visits; ++it) {
+      const int stage = it & 1;
+      const int m_block = tile(it);
+      const uint32_t sQ = sQ0 + stage * QTile::kBytes, sdO = sdO0 + stage * QTile::kBytes;
+      const float* const lse2_s = reinterpret_cast<const float*>(smem + Tr::kOffStats) + stage * StatT::kChunk;
+      const float* const dsum_s = lse2_s + kBlockM;
+      const int row0 = m_block * kBlockM;
+      mbar_wait(full(stage), (it >> 1) & 1);  // this tile's Q / dO / stats
 
-  // S^T of a query tile (acc_s), at head dim 128 issued one iteration ahead: tile it + 1's right behind
-  // tile it's dQ. (At head dim 64, 128 queries per tile, that pins acc_s's 64 registers for the whole
-  // loop and spills; without dQ ptxas serialises the GEMMs. There each iteration issues its own S^T.)
-  constexpr bool kSAhead = D == 128 && kDq;
-  float acc_s[WgS::kRegs];
-  auto issue_s = [&](int stage) {
-    const uint32_t sQ = sQ0 + stage * QTile::kBytes;
+      // S^T = K_g Q^T, then dP^T = V_g dO^T behind it.
+      float acc_s[WgS::kRegs], acc_dp[WgS::kRegs];
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kDSteps; ++kk) {
-      const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
-      const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
-      WgS::template ss<0, 0>(acc_s, smem_desc(sK + a_off, 16, 1024), smem_desc(sQ + b_off, 16, 1024), kk);
-    }
-  };
-  if (kSAhead && n_visits > 0) {
-    mbar_wait(bar_full, 0);
-    wgmma_fence();
-    issue_s(0);
-    wgmma_commit();
-  }
-
-  // One block-wide barrier per iteration (dS^T exchange before dQ); after it both warpgroups are done
-  // with this iteration's query stage, which then takes tile it + 2. dS^T alternates between two
-  // buffers: a warpgroup's stores for tile it + 1 come before the barrier that the other warpgroup
-  // passes only after its dQ of tile it - 1 (which read that buffer) has completed.
-  for (int it = 0; it < n_visits; ++it) {
-    const int stage = it & 1;
-    const int m_block = tile(it);
-    const uint32_t sQ = sQ0 + stage * QTile::kBytes, sdO = sdO0 + stage * QTile::kBytes;
-    const uint32_t sdS = sdS0 + stage * DSTile::kBytes;
-    const float* const lse2_s = reinterpret_cast<const float*>(smem + Tr::kOffStats) + stage * StatT::kChunk;
-    const float* const dsum_s = lse2_s + kBlockM;
-    const int row0 = m_block * kBlockM;
-
-    // dP^T = V dO^T behind this tile's S^T (kSAhead: issued in the previous iteration or the prologue).
-    float acc_dp[WgS::kRegs];
-    if constexpr (!kSAhead) mbar_wait(bar_full + 8 * stage, (it >> 1) & 1);  // this tile's Q / dO / stats
-    wgmma_fence();
-    if constexpr (!kSAhead) {
-      issue_s(stage);
-      wgmma_commit();
-    }
-#pragma unroll
-    for (int kk = 0; kk < kDSteps; ++kk) {
-      const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
-      const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
-      WgS::template ss<0, 0>(acc_dp, smem_desc(sV + a_off, 16, 1024), smem_desc(sdO + b_off, 16, 1024), kk);
-    }
-    wgmma_commit();
-    wgmma_wait<1>();  // S^T
-    fence_operand(acc_s);
-
-    // P^T = exp2(S^T scale_log2 - lse2[query]), packed at once into the A operand of dV (acc_s is only
-    // ever written by wgmma: the S^T in flight across the loop's back edge keeps its registers). Exactly
-    // 0 on empty and padding query rows (lse2 = +inf). Register r of k16 step kk holds the accumulators
-    // 8 kk + 2 r (+1): query columns 16 kk + 8 (r / 2) + 2 t4 (+1) of key row key_row + 8 (r % 2).
-    uint32_t p_a[kMSteps][4];
-#pragma unroll
-    for (int kk = 0; kk < kMSteps; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int i = 8 * kk + 2 * r, qcol = 16 * kk + 8 * (r / 2) + 2 * t4;
-        const float2 lse2 = *reinterpret_cast<const float2*>(lse2_s + qcol);
-        p_a[kk][r] = pack_float2<T>(fast_exp2(acc_s[i] * scale_log2 - lse2.x), fast_exp2(acc_s[i + 1] * scale_log2 - lse2.y));
+      for (int kk = 0; kk < kDSteps; ++kk) {
+        const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
+        const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+        WgS::template ss<0, 0>(acc_s, smem_desc(sK + a_off, 16, 1024), smem_desc(sQ + b_off, 16, 1024), kk);
       }
-    // Keys past the end and hidden keys (causal) are zeroed in the packed values, only in the tiles that
-    // need_mask (a branch around a pass of its own, so that the other tiles pay nothing for it).
-    const bool need_mask = col0 + kBlockN > s.seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
-    if (need_mask) {
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk) {
+        const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
+        const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+        WgS::template ss<0, 0>(acc_dp, smem_desc(sV + a_off, 16, 1024), smem_desc(sdO + b_off, 16, 1024), kk);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // S^T
+      fence_operand(acc_s);
+
+      // P^T = exp2(S^T scale_log2 - lse2[query]), packed at once into the A operand of dV. Exactly 0 on
+      // empty and padding query rows (lse2 = +inf). Register r of k16 step kk holds the accumulators
+      // 8 kk + 2 r (+1): query columns 16 kk + 8 (r / 2) + 2 t4 (+1) of key row key_row + 8 (r % 2).
+      uint32_t p_a[kMSteps][4];
 #pragma unroll
       for (int kk = 0; kk < kMSteps; ++kk)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          const int key = col0 + key_row + 8 * (r % 2), last = row0 + 16 * kk + 8 * (r / 2) + 2 * t4 + diag;
-          const bool past_end = key >= s.seqlen_k;
-          const bool keep_lo = !past_end && !(kIsCausal && key > last);
-          const bool keep_hi = !past_end && !(kIsCausal && key > last + 1);
-          p_a[kk][r] &= (keep_lo ? 0x0000ffffu : 0u) | (keep_hi ? 0xffff0000u : 0u);
+          const int i = 8 * kk + 2 * r, qcol = 16 * kk + 8 * (r / 2) + 2 * t4;
+          const float2 lse2 = *reinterpret_cast<const float2*>(lse2_s + qcol);
+          p_a[kk][r] =
+              pack_float2<T>(fast_exp2(acc_s[i] * scale_log2 - lse2.x), fast_exp2(acc_s[i + 1] * scale_log2 - lse2.y));
         }
-    }
-    // dV += P^T dO (B = dO, MN-major: k16 step = 16 query rows).
-    wgmma_fence();
+      // Keys past the end and hidden keys (causal) are zeroed in the packed values, only in the tiles
+      // that need_mask (a branch around a pass of its own, so that the other tiles pay nothing for it).
+      const bool need_mask = col0 + kBlockN > s.seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
+      if (need_mask) {
 #pragma unroll
-    for (int kk = 0; kk < kMSteps; ++kk)
-      WgKV::template rs<1>(acc_dv, p_a[kk], smem_desc(sdO + kk * 16 * 128, QTile::kBlockBytes, 1024));
-    wgmma_commit();
-    wgmma_wait<1>();  // dP^T done (dV may still run: it only reads p_a)
-    fence_operand(acc_dp);
-
-    // dS^T = P^T (dP^T - rowsum(dO O)[query]), P^T from its packed form (as rounded for dV, as
-    // PyTorch's own low-precision backward does). Register r of a k16 step holds columns
-    // 16 kk + 8 (r / 2) + 2 t4 (+1) of row g + 8 (r % 2).
-    uint32_t ds_a[kMSteps][4];
+        for (int kk = 0; kk < kMSteps; ++kk)
 #pragma unroll
-    for (int kk = 0; kk < kMSteps; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int qcol = 16 * kk + 8 * (r / 2) + 2 * t4;
-        const float2 pv = unpack_float2<T>(p_a[kk][r]);
-        const float2 dsum = *reinterpret_cast<const float2*>(dsum_s + qcol);
-        const int i = 8 * kk + 2 * r;  // accumulator index of that pair
-        ds_a[kk][r] = pack_float2<T>(pv.x * (acc_dp[i] - dsum.x), pv.y * (acc_dp[i + 1] - dsum.y));
+          for (int r = 0; r < 4; ++r) {
+            const int key = col0 + key_row + 8 * (r % 2), last = row0 + 16 * kk + 8 * (r / 2) + 2 * t4 + diag;
+            const bool past_end = key >= s.seqlen_k;
+            const bool keep_lo = !past_end && !(kIsCausal && key > last);
+            const bool keep_hi = !past_end && !(kIsCausal && key > last + 1);
+            p_a[kk][r] &= (keep_lo ? 0x0000ffffu : 0u) | (keep_hi ? 0xffff0000u : 0u);
+          }
       }
-    // dK += dS^T Q (B = Q, MN-major).
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kMSteps; ++kk)
-      WgKV::template rs<1>(acc_dk, ds_a[kk], smem_desc(sQ + kk * 16 * 128, QTile::kBlockBytes, 1024));
-    wgmma_commit();
-    if constexpr (kDq) {
-      // dS^T to shared memory: element (key, query) at DSTile (row key, column query), one stmatrix
-      // per k16 step: its four 8 x 8 matrices are ds_a[kk][0..3] (keys +0 / +8, queries +0 / +8), and
-      // lane l gives the address of row l % 8 of matrix l / 8 (16 bytes: one swizzled chunk).
-      const int st_key = 64 * wg + 16 * warp + lane % 8 + 8 * ((lane / 8) % 2), st_col = 8 * (lane / 16);
+      // dV += P^T dO (B = dO, MN-major: k16 step = 16 query rows).
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kMSteps; ++kk)
-        stmatrix_x4(sdS + 2 * DSTile::offset(st_key, 16 * kk + st_col), ds_a[kk]);
-      fence_proxy_async();
-    }
-    wgmma_wait<0>();
-    fence_operand(acc_dv);
-    fence_operand(acc_dk);
-    __syncthreads();  // both warpgroups' dS^T are in shared memory; both are done with this stage
-    if (tid == 0 && it + 2 < n_visits) load_query_tile(tile(it + 2), stage);
-
-    // dQ part of this warpgroup = dS K: A = dS (M-major view of dS^T), B = K (MN-major), k16 step
-    // = 16 keys. The next tile's S^T goes out right behind it, so the tensor cores have work while
-    // this warpgroup stores dQ.
-    float acc_dq[WgQ::kRegs];
-    if constexpr (kDq) {
-      const uint32_t a_start = sdS + (DqT::kByRows ? wg * DSTile::kBlockBytes : 0);
-      const uint32_t b_start = sK + (DqT::kByRows ? 0 : wg * KTile::kBlockBytes);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kNSteps; ++kk)
-        WgQ::template ss<1, 1>(acc_dq, smem_desc(a_start + kk * 16 * 128, DSTile::kBlockBytes, 1024),
-                               smem_desc(b_start + kk * 16 * 128, KTile::kBlockBytes, 1024), kk);
+        WgKV::template rs<1>(acc_dv, p_a[kk], smem_desc(sdO + kk * 16 * 128, QTile::kBlockBytes, 1024));
       wgmma_commit();
-    }
-    if (kSAhead && it + 1 < n_visits) {
-      mbar_wait(bar_full + 8 * (stage ^ 1), ((it + 1) >> 1) & 1);  // the next tile's Q / dO / stats
-      wgmma_fence();
-      issue_s(stage ^ 1);
-    }
-    if constexpr (kDq) wgmma_commit();  // (an empty group when no S^T went out keeps the count below)
-    if constexpr (kDq) {
-      wgmma_wait<1>();  // dQ
-      fence_operand(acc_dq);
-      // This warp's 32 x 32 values to shared memory in DqTiles order (once the previous tile's bulk
-      // reduce-add has read them), then one bulk reduce-add of them into the tile's chunk of dq_accum
-      // (the copy engine does the fp32 additions; rows past the sequence's end land in its own padding
-      // tile, which the conversion skips).
-      const int warp_off = (4 * wg + warp) * DqT::kWarpFloats;
-      float* const sdq_warp = reinterpret_cast<float*>(smem + Tr::kOffdQ) + warp_off;
-      if (lane == 0) bulk_wait_read<0>();
-      __syncwarp();
+      wgmma_wait<1>();  // dP^T done (dV may still run: it only reads p_a)
+      fence_operand(acc_dp);
+
+      // dS^T = P^T (dP^T - rowsum(dO O)[query]), P^T from its packed form (as rounded for dV, as
+      // PyTorch's own low-precision backward does).
+      uint32_t ds_a[kMSteps][4];
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        *reinterpret_cast<float4*>(sdq_warp + 4 * (32 * j + lane)) =
-            make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
-      fence_proxy_async();
-      __syncwarp();
-      if (lane == 0) {
-        bulk_reduce_add_f32(dq_tiles + m_block * dq_tile_stride + warp_off, base + Tr::kOffdQ + 4 * warp_off,
-                            4 * DqT::kWarpFloats);
-        bulk_commit();
+      for (int kk = 0; kk < kMSteps; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int qcol = 16 * kk + 8 * (r / 2) + 2 * t4;
+          const float2 pv = unpack_float2<T>(p_a[kk][r]);
+          const float2 dsum = *reinterpret_cast<const float2*>(dsum_s + qcol);
+          const int i = 8 * kk + 2 * r;  // accumulator index of that pair
+          ds_a[kk][r] = pack_float2<T>(pv.x * (acc_dp[i] - dsum.x), pv.y * (acc_dp[i + 1] - dsum.y));
+        }
+      // dK += dS^T Q (B = Q, MN-major).
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kMSteps; ++kk)
+        WgKV::template rs<1>(acc_dk, ds_a[kk], smem_desc(sQ + kk * 16 * 128, QTile::kBlockBytes, 1024));
+      wgmma_commit();
+      if constexpr (kDq) {
+        // dS^T to shared memory for the dQ warpgroup (once it has read this buffer's tile it - 2):
+        // element (key, query) at DSTile (row key, column query), one stmatrix per k16 step: its four
+        // 8 x 8 matrices are ds_a[kk][0..3] (keys +0 / +8, queries +0 / +8), and lane l gives the
+        // address of row l % 8 of matrix l / 8 (16 bytes: one swizzled chunk).
+        mbar_wait(ds_empty(stage), ((it >> 1) & 1) ^ 1);
+        const uint32_t sdS = sdS0 + stage * DSTile::kBytes;
+        const int st_key = 64 * wg + 16 * warp + lane % 8 + 8 * ((lane / 8) % 2), st_col = 8 * (lane / 16);
+#pragma unroll
+        for (int kk = 0; kk < kMSteps; ++kk)
+          stmatrix_x4(sdS + 2 * DSTile::offset(st_key, 16 * kk + st_col), ds_a[kk]);
+        fence_proxy_async();
+        __syncwarp();
+        mbar_arrive_if(ds_full(stage), lane == 0);
       }
+      wgmma_wait<0>();  // dV, dK: this warpgroup is done with the stage
+      fence_operand(acc_dv);
+      fence_operand(acc_dk);
+      __syncwarp();
+      mbar_arrive_if(empty(stage), lane == 0);
     }
   }
-  wgmma_wait<0>();
 
-  // Epilogue: dK (scaled) and dV through shared memory (the K / V tiles) for 16-byte stores.
-  if (kDq && lane == 0) bulk_wait<0>();  // the last dQ reduction is done with shared memory
-  __syncthreads();  // every warpgroup is done reading sK, sV
+  // Epilogue (math warpgroups): dK (scaled) and dV through shared memory (the K / V tiles) for 16-byte
+  // stores.
+  named_sync(1, kThreads);  // every warpgroup is done reading sK, sV
   const float scale = p.softmax_scale;
 #pragma unroll
   for (int j = 0; j < D / 8; ++j)
@@ -379,11 +390,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           pack_float2<T>(acc_dk[4 * j + 2 * hh] * scale, acc_dk[4 * j + 2 * hh + 1] * scale);
       *reinterpret_cast<uint32_t*>(smem + Tr::kOffV + off) = pack_float2<T>(acc_dv[4 * j + 2 * hh], acc_dv[4 * j + 2 * hh + 1]);
     }
-  __syncthreads();
+  named_sync(2, 256);  // both math warpgroups' dK / dV are staged
   T* dk_ptr = static_cast<T*>(p.dk) + s.tok(b, s.k_start, p.dk_batch_stride, p.dk_row_stride, h, p.dk_head_stride);
   T* dv_ptr = static_cast<T*>(p.dv) + s.tok(b, s.k_start, p.dv_batch_stride, p.dv_row_stride, h, p.dv_head_stride);
-  bwd::store_tile<KTile, kThreads>(dk_ptr, smem_t, p.dk_row_stride, col0, s.seqlen_k, tid);
-  bwd::store_tile<KTile, kThreads>(dv_ptr, smem_t + Tr::kOffV / 2, p.dv_row_stride, col0, s.seqlen_k, tid);
+  bwd::store_tile<KTile, 256>(dk_ptr, smem_t, p.dk_row_stride, col0, s.seqlen_k, tid);
+  bwd::store_tile<KTile, 256>(dv_ptr, smem_t + Tr::kOffV / 2, p.dv_row_stride, col0, s.seqlen_k, tid);
 #endif
 }
 
