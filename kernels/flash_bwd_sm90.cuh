@@ -75,8 +75,10 @@ struct BwdTraits {
   // Three warpgroups: two "math" warpgroups (keys 64g.., the S^T / dP^T / dV / dK GEMMs and the
   // elementwise work) and one dQ warpgroup (the dQ GEMM, its reduction into dq_accum, the loads).
   static constexpr int kBlockN = 128, kBlockM = D == 64 ? 128 : 64, kThreads = 384;
-  // setmaxnreg: 2 x 224 + 64 = 512 = 3 x 170.7.
-  static constexpr int kMathRegs = 224, kDqRegs = 64;
+  // setmaxnreg: the block starts with 168 registers per thread (384 threads); 2 x 216 + 72 = 504 =
+  // 3 x 168 (more than the block holds makes setmaxnreg.inc wait forever).
+  static constexpr int kMathRegs = 216, kDqRegs = 72;
+  static_assert(2 * kMathRegs + kDqRegs <= 3 * 168, "the block's register pool");
   using KTile = SwizzledTile<kBlockN, D>;   // K, V: [keys][D]
   using QTile = SwizzledTile<kBlockM, D>;   // Q, dO: [queries][D], two stages each
   using DSTile = SwizzledTile<kBlockN, kBlockM>;  // dS^T: [keys][queries]
@@ -278,7 +280,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const int row0 = m_block * kBlockM;
       mbar_wait(full(stage), (it >> 1) & 1);  // this tile's Q / dO / stats
 
-      // S^T = K_g Q^T, then dP^T = V_g dO^T behind it.
+      // S^T = K_g Q^T first (dP^T goes out with dV: registers hold one 64 x kBlockM accumulator at a time
+      // next to dK / dV; the other warpgroups keep the tensor cores busy meanwhile).
       float acc_s[WgS::kRegs], acc_dp[WgS::kRegs];
       wgmma_fence();
 #pragma unroll
@@ -288,14 +291,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         WgS::template ss<0, 0>(acc_s, smem_desc(sK + a_off, 16, 1024), smem_desc(sQ + b_off, 16, 1024), kk);
       }
       wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < kDSteps; ++kk) {
-        const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
-        const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
-        WgS::template ss<0, 0>(acc_dp, smem_desc(sV + a_off, 16, 1024), smem_desc(sdO + b_off, 16, 1024), kk);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // S^T
+      wgmma_wait<0>();  // S^T
       fence_operand(acc_s);
 
       // P^T = exp2(S^T scale_log2 - lse2[query]), packed at once into the A operand of dV. Exactly 0 on
@@ -326,18 +322,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             p_a[kk][r] &= (keep_lo ? 0x0000ffffu : 0u) | (keep_hi ? 0xffff0000u : 0u);
           }
       }
-      // dV += P^T dO (B = dO, MN-major: k16 step = 16 query rows).
+      // dP^T = V_g dO^T, then dV += P^T dO (B = dO, MN-major: k16 step = 16 query rows).
       wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kDSteps; ++kk) {
+        const uint32_t a_off = (kk / 4) * KTile::kBlockBytes + 64 * wg * 128 + (kk % 4) * 32;
+        const uint32_t b_off = (kk / 4) * QTile::kBlockBytes + (kk % 4) * 32;
+        WgS::template ss<0, 0>(acc_dp, smem_desc(sV + a_off, 16, 1024), smem_desc(sdO + b_off, 16, 1024), kk);
+      }
 #pragma unroll
       for (int kk = 0; kk < kMSteps; ++kk)
         WgKV::template rs<1>(acc_dv, p_a[kk], smem_desc(sdO + kk * 16 * 128, QTile::kBlockBytes, 1024));
       wgmma_commit();
-      wgmma_wait<1>();  // dP^T done (dV may still run: it only reads p_a)
+      wgmma_wait<0>();  // dP^T and dV done: p_a is free to take dS^T
       fence_operand(acc_dp);
+      fence_operand(p_a);
 
       // dS^T = P^T (dP^T - rowsum(dO O)[query]), P^T from its packed form (as rounded for dV, as
-      // PyTorch's own low-precision backward does).
-      uint32_t ds_a[kMSteps][4];
+      // PyTorch's own low-precision backward does), in place of P^T (registers are short; the other
+      // warpgroups keep the tensor cores busy meanwhile).
+      uint32_t (&ds_a)[kMSteps][4] = p_a;
 #pragma unroll
       for (int kk = 0; kk < kMSteps; ++kk)
 #pragma unroll
