@@ -6,25 +6,29 @@
 // its shared-memory operands once per warpgroup (4 warps) and keeps P^T / dS^T in registers, so the
 // same iteration reads ~290 KB, and the tensor cores run at the Hopper rate.
 //
-// One thread block per (kBlockN = 128 keys, query head, batch), 2 warpgroups (256 threads);
-// warpgroup g owns keys [64g, 64g + 64) of the block and loops over the query tiles (kBlockM = 64)
-// that see them:
+// One thread block per (kBlockN = 128 keys, query head, batch), three warpgroups (384 threads).
+// Math warpgroup g (0, 1) owns keys [64g, 64g + 64) of the block and loops over the query tiles
+// (kBlockM = 64, 128 at head dim 64) that see them:
 //   S^T  = K_g Q^T                     wgmma m64n64,  A = K (smem, K-major),  B = Q (K-major)
+//   P^T  = exp2(S^T scale_log2 - lse2)  in registers, packed (masked where needed: causal, past the end;
+//                                      empty and padding rows have lse2 = +inf)
 //   dP^T = V_g dO^T                    wgmma m64n64,  A = V,                  B = dO (K-major)
-//   P^T  = exp2(S^T scale_log2 - lse2)  in registers (masked: causal, past the end, empty rows)
 //   dV  += P^T dO                      wgmma m64nD,   A = P^T (registers),    B = dO (MN-major)
-//   dS^T = P^T (dP^T - rowsum(dO O))    in registers (P^T as rounded for dV, as PyTorch's own
-//                                      low-precision backward does), also stored to shared memory
+//   dS^T = P^T (dP^T - rowsum(dO O))    in registers, in place of P^T (P^T as rounded for dV, as
+//                                      PyTorch's own low-precision backward does), also stored to
+//                                      shared memory for the dQ warpgroup
 //   dK  += dS^T Q                      wgmma m64nD,   A = dS^T (registers),   B = Q (MN-major)
-//   dQ = dS K, split in 64 x 64 parts  wgmma m64n64,  A = dS (smem, M-major), B = K (MN-major),
-//        (warpgroup g: query rows 64g.. at 128 queries, else columns 64g..), staged in shared
-//        memory and added to dq_accum by the copy engine (one bulk reduce-add per warp; DqTiles)
-// Q and dO come by TMA, their row statistics (lse2 and rowsum(dO O), prepared per query tile by
-// flash_bwd_dot_do_o_kernel: StatTiles) by a bulk copy, into a two-stage ring: tile it + 2 is loaded as
-// soon as iteration it's block barrier frees its stage. At head dim 128 the next tile's S^T goes out
-// right behind this tile's dQ, so that the dQ stores and the loop's bookkeeping run under it. Only the
-// tiles that need the causal / sequence-end mask run the masking pass (zeroing packed P^T values).
-// dK / dV stay in registers and are written once at the end (dK scaled).
+// The dQ warpgroup (2) computes dQ = dS K in two 64 x 64 parts (query rows 64p.. at 128 queries, else
+// columns 64p..): wgmma m64n64, A = dS (smem, M-major), B = K (MN-major), staged in shared memory and
+// added to dq_accum by the copy engine (one bulk reduce-add per warp and part; DqTiles); its warp 0
+// also loads the query tiles: Q and dO by TMA, their row statistics (lse2 and rowsum(dO O), prepared
+// per query tile by flash_bwd_dot_do_o_kernel: StatTiles) by a bulk copy, into a two-stage ring.
+// No block-wide barrier in the loop: mbarriers hand over a query stage (full: loaded; empty: both math
+// warpgroups are done with it) and a dS^T buffer (two, by tile parity; full: both math warpgroups
+// stored theirs; empty: dQ has read it), so the three warpgroups drift and fill each other's gaps on
+// the tensor cores. Registers: 2 x 216 (math) + 72 (dQ) = the block's 3 x 168, hence S^T alone first
+// and dP^T with dV (one 64 x kBlockM accumulator next to dK / dV at a time). dK / dV stay in registers
+// and are written once at the end (dK scaled).
 // Dropout stays on the stage-1 kernel; the deterministic mode uses this kernel without its dQ part
 // (flash_bwd_dq_kernel computes dQ).
 //
