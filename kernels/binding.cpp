@@ -190,6 +190,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k_in, cons
   longctx::FlashFwdParams p;
   fill_fwd_params(p, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, p_drop, scale, causal, rng_state);
   set_block_mask(p, block_mask, q);
+  Tensor tile_counter = at::empty({1}, q.options().dtype(at::kInt));
+  p.tile_counter = tile_counter.data_ptr<int>();
   if (return_mask) {
     mask = at::zeros({batch, hq, q.size(1), k.size(1)}, q.options().dtype(at::kByte));
     p.dropout_mask = mask.data_ptr<uint8_t>();

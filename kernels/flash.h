@@ -61,6 +61,7 @@ struct FlashFwdParams {
   int block_mask_cols;  // row stride: key blocks per query block
 
   int num_sm;  // multiprocessor count, for grid heuristics
+  int* tile_counter;  // one int of scratch: the Hopper forward's persistent schedule (zeroed by the launch)
   // Hopper kernels (sm_90a, wgmma) where they cover the case: set by the binding on compute
   // capability 9.0 unless LONGCTX_SM90=0; a build without sm_90a code falls back by itself.
   bool use_sm90;

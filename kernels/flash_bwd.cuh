@@ -40,12 +40,7 @@
 namespace longctx {
 namespace bwd {
 
-// Returns x, hiding its value from the optimiser: addresses derived from it inside a loop are
-// recomputed there (one XOR or add per use) instead of being hoisted into dozens of registers.
-__device__ __forceinline__ int opaque(int x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
+using longctx::opaque;
 
 // (kRows x D) tile from global rows row0.. (rows >= `rows` zero-filled) into a SwizzledTile.
 // The thread index goes through opaque() so that each call recomputes its chunks' coordinates

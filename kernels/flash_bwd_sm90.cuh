@@ -47,7 +47,7 @@ namespace sm90 {
 // ordered (tile, head); sequence b's tiles start at tile0(b) (padded batch: b x tiles per sequence;
 // packed varlen: q_start / kBlockM + b, so two sequences never share a tile; the binding sizes dq_accum
 // for kBlockM = 128, which covers 64 too). Inside a chunk the values lie in the order of the warps' dQ
-// accumulators, [part 2][warp 4][j 8][lane 32][4] (part = warpgroup), so that each warp stores its
+// accumulators, [part 2][warp 4][j 8][lane 32][4] (the dQ warpgroup's two GEMMs), so that each warp stores its
 // 4 KB contiguously (conflict-free) and hands it to one bulk reduce-add; flash_bwd_convert_dq_tiled_kernel
 // reads it back.
 template <int kBlockM, int D>
@@ -57,7 +57,7 @@ struct DqTiles {
   static constexpr int kWarpFloats = 32 * 32;     // one warp's part of a chunk: 32 lanes x 32 values
   static constexpr bool kByRows = kBlockM == 128;  // part g: rows 64g.. (else columns 64g..)
   __device__ __forceinline__ static int64_t tile0(const SeqInfo& s, int b, int max_seqlen_q) {
-    return s.varlen ? s.q_start / kBlockM + b : static_cast<int64_t>(b) * ((max_seqlen_q + kBlockM - 1) / kBlockM);
+    return s.query_tile0<kBlockM>(b, max_seqlen_q);
   }
   // Float4 j of `lane` of `warp` (0..3) of `part` holds the m64n64 accumulator's elements (row, col),
   // (row, col + 1), (row + 8, col), (row + 8, col + 1) of that part (wgmma.cuh), with:

@@ -43,17 +43,21 @@ struct FwdTraits {
   static constexpr int kStages = D == 64 ? 4 : 2;  // K / V ring depth
   // setmaxnreg: 24 + 2 x 240 = 504 = 3 x 168, the launch allocation of 384 threads; with three
   // consumers 32 + 3 x 160 = 512 = 4 x 128.
-  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  static constexpr int kProducerRegs = kConsumers == 2 ? 40 : 32, kConsumerRegs = kConsumers == 2 ? 232 : 160;
   // P(i) in two register sets (packed while P(i-1) V(i-1) still reads the other), or one where
   // registers are short (three consumers: packed after that P V is waited for).
   static constexpr int kPSets = kConsumers == 2 ? 2 : 1;
   using QTile = SwizzledTile<kBlockM, D>;
   using KTile = SwizzledTile<kBlockN, D>;
-  // Byte offsets from the 1024-aligned base: Q, K ring, V ring, mbarriers, the block-sparse mask row.
-  static constexpr int kOffK = QTile::kBytes;
+  // Byte offsets from the 1024-aligned base: Q, O (the epilogue's staging, so that the next tile's Q can
+  // load during it), K ring, V ring, mbarriers (full Q, empty Q, full K, full V, empty K, empty V, then
+  // the tile hand-over: full and empty of two slots) and the two slots, the block-sparse mask row.
+  static constexpr int kOffO = QTile::kBytes;
+  static constexpr int kOffK = 2 * QTile::kBytes;
   static constexpr int kOffV = kOffK + kStages * KTile::kBytes;
-  static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;  // Q, then full K, full V, empty K, empty V
-  static constexpr int kOffCount = kOffBar + 8 * (1 + 4 * kStages);  // block-sparse: kept tiles
+  static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;
+  static constexpr int kOffSlots = kOffBar + 8 * (2 + 4 * kStages + 4);
+  static constexpr int kOffCount = kOffSlots + 8;  // block-sparse: kept tiles
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: the mask row, then the kept-tile list
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask row and list)
 };
@@ -76,31 +80,47 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   char* const smem = smem_raw + (base - smem_u32(smem_raw));
   const uint32_t sQ = base, sK0 = base + Tr::kOffK, sV0 = base + Tr::kOffV, bars = base + Tr::kOffBar;
-  const uint32_t bar_q = bars;
-  auto full_k = [&](int st) { return bars + 8 * (1 + st); };
-  auto full_v = [&](int st) { return bars + 8 * (1 + kStages + st); };
-  auto empty_k = [&](int st) { return bars + 8 * (1 + 2 * kStages + st); };
-  auto empty_v = [&](int st) { return bars + 8 * (1 + 3 * kStages + st); };
-
-  // Heaviest (causal) query tiles first so the tail of the grid is short.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const uint32_t full_q = bars, empty_q = bars + 8;
+  auto full_k = [&](int st) { return bars + 8 * (2 + st); };
+  auto full_v = [&](int st) { return bars + 8 * (2 + kStages + st); };
+  auto empty_k = [&](int st) { return bars + 8 * (2 + 2 * kStages + st); };
+  auto empty_v = [&](int st) { return bars + 8 * (2 + 3 * kStages + st); };
+  auto tile_full = [&](int j) { return bars + 8 * (2 + 4 * kStages + j); };
+  auto tile_empty = [&](int j) { return bars + 8 * (4 + 4 * kStages + j); };
+  int* const tile_slot = reinterpret_cast<int*>(smem + Tr::kOffSlots);
   const int tid = threadIdx.x;
 
-  const SeqInfo s(p, b);
-  const int seqlen_q = s.seqlen_q, seqlen_k = s.seqlen_k;
-  const int row0 = m_block * kBlockM;
-  if (row0 >= seqlen_q) return;
-  const int hk = h / (p.num_heads_q / p.num_heads_k);
+  // Work comes in tiles t = (query tile, head, batch), ordered as a grid would launch them: a head's
+  // query tiles consecutive, heaviest (causal) first, so that the tiles running at once share K / V in
+  // L2. Dense: the grid is persistent (one block per SM); block x starts with tile x and then takes
+  // the next unclaimed one from a global counter (p.tile_counter), so that blocks that finish early take
+  // more (a dynamic schedule keeps the launch order's L2 window, a static one loses it for causal).
+  // The producer claims the next tile while the current one's last K / V tiles load, and loads its Q
+  // and K / V during the current tile's last GEMMs and epilogue. Block-sparse: one tile per block
+  // (staging the mask line takes the whole block).
+  const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int num_tiles = kSparse ? static_cast<int>(gridDim.x) : num_m * p.num_heads_q * p.batch;
+  struct TileInfo {
+    SeqInfo s;
+    int m_block, h, b, row0, n_block_max;  // n_block_max: key tiles up to the last visible one
+  };
+  auto tile_info = [&](int t) {
+    const int m_idx = t % num_m, rest = t / num_m;
+    const int h = rest % p.num_heads_q, b = rest / p.num_heads_q;
+    TileInfo w{SeqInfo(p, b), num_m - 1 - m_idx, h, b, 0, 0};
+    w.row0 = w.m_block * kBlockM;
+    const int diag = w.s.seqlen_k - w.s.seqlen_q;  // query i sees keys j <= i + diag (causal)
+    w.n_block_max = (w.s.seqlen_k + kBlockN - 1) / kBlockN;
+    if (kIsCausal) {
+      const int last_key = min(w.row0 + kBlockM, w.s.seqlen_q) + diag;  // one past the last visible key
+      w.n_block_max = min(w.n_block_max, last_key <= 0 ? 0 : (last_key + kBlockN - 1) / kBlockN);
+    }
+    return w;
+  };
 
-  const int diag = seqlen_k - seqlen_q;  // query i sees keys j <= i + diag (causal)
-  int n_block_max = (seqlen_k + kBlockN - 1) / kBlockN;
-  if (kIsCausal) {
-    const int last_key = min(row0 + kBlockM, seqlen_q) + diag;  // one past the last visible key
-    n_block_max = min(n_block_max, last_key <= 0 ? 0 : (last_key + kBlockN - 1) / kBlockN);
-  }
   if (tid == 0) {
-    mbar_init(bar_q, 1);
+    mbar_init(full_q, 1);
+    mbar_init(empty_q, 4 * kConsumers);  // lane 0 of every consumer warp, after its last S of a tile
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(full_k(st), 1);
@@ -108,70 +128,89 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_init(empty_k(st), 4 * kConsumers);  // lane 0 of every consumer warp
       mbar_init(empty_v(st), 4 * kConsumers);
     }
+    for (int j = 0; j < 2; ++j) {
+      mbar_init(tile_full(j), 1);
+      mbar_init(tile_empty(j), 4 * kConsumers);
+    }
     mbar_init_fence();
   }
   // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited. The block's mask row
   // is staged in shared memory and compacted into a descending list of kept tiles, which producer and
-  // consumers read by visit index; dense: tile(i) = n_block_max - 1 - i.
+  // consumers read by visit index; dense: visit i is key tile n_block_max - 1 - i.
   int16_t* const tile_list = reinterpret_cast<int16_t*>(smem + Tr::kOffMask + (p.block_mask_cols + 15) / 16 * 16);
   int* const tile_count = reinterpret_cast<int*>(smem + Tr::kOffCount);
   if constexpr (kSparse) {
-    stage_mask_line<kBlockN, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask), mask_row<kBlockN>(p, b, h, row0),
-                                       n_block_max, tid);
-    __syncthreads();
-    if (tid < 32) {
-      const int count = compact_kept_desc(tile_list, base + Tr::kOffMask, n_block_max, tid);
-      if (tid == 0) *tile_count = count;
+    const TileInfo w = tile_info(blockIdx.x);
+    if (w.row0 < w.s.seqlen_q) {
+      stage_mask_line<kBlockN, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask),
+                                         mask_row<kBlockN>(p, w.b, w.h, w.row0), w.n_block_max, tid);
+      __syncthreads();
+      if (tid < 32) {
+        const int count = compact_kept_desc(tile_list, base + Tr::kOffMask, w.n_block_max, tid);
+        if (tid == 0) *tile_count = count;
+      }
     }
   }
   __syncthreads();
-  const int n_visits = kSparse ? *tile_count : n_block_max;
-  auto tile = [&](int i) {  // the key tile of visit i, or -1 past the last
-    if constexpr (kSparse) return i < n_visits ? static_cast<int>(tile_list[i]) : -1;
-    else return i < n_visits ? n_block_max - 1 - i : -1;
+  auto num_visits = [&](const TileInfo& w) { return kSparse ? *tile_count : w.n_block_max; };
+  auto key_tile = [&](const TileInfo& w, int i) {  // the key tile of visit i, or -1 past the last
+    if constexpr (kSparse) return i < *tile_count ? static_cast<int>(tile_list[i]) : -1;
+    else return i < w.n_block_max ? w.n_block_max - 1 - i : -1;
   };
-  const int n_first = tile(0);
   // With three consumers (160 registers) warp-uniform by construction (a shuffle from lane 0), so that
   // ptxas keeps what derives from it (the consumer's Q descriptors) in uniform registers: in vector
   // registers they spill there.
   const int wg = kConsumers == 3 ? __shfl_sync(0xffffffffu, tid / 128, 0) : tid / 128;
 
+  // Both roles walk the same tiles (handed over through two shared-memory slots) and count the same
+  // loads: `q_loads` Q tiles so far, `visits` K / V ring slots (slot v is stage v % kStages in round
+  // v / kStages).
   if (wg == 0) {  // producer
     regs_dec<Tr::kProducerRegs>();
-    if (tid == 0 && n_first >= 0) {
-      // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
-      const int tb = s.varlen ? 0 : b, q_row = (s.varlen ? s.q_start : 0) + row0, k_row = s.varlen ? s.k_start : 0;
-      mbar_arrive_expect_tx(bar_q, QTile::kBytes);
-      tma_load_tile<QTile>(sQ, &maps.q, bar_q, q_row, h, tb);
-      for (int i = 0, n = n_first; n >= 0; n = tile(++i)) {
-        const int st = i % kStages;
-        const uint32_t free_parity = ((i / kStages) & 1) ^ 1;  // round 0 finds every slot free
-        mbar_wait(empty_k(st), free_parity);
-        mbar_arrive_expect_tx(full_k(st), KTile::kBytes);
-        tma_load_tile<KTile>(sK0 + st * KTile::kBytes, &maps.k, full_k(st), k_row + n * kBlockN, hk, tb);
-        mbar_wait(empty_v(st), free_parity);
-        mbar_arrive_expect_tx(full_v(st), KTile::kBytes);
-        tma_load_tile<KTile>(sV0 + st * KTile::kBytes, &maps.v, full_v(st), k_row + n * kBlockN, hk, tb);
+    if (tid != 0) return;
+    int q_loads = 0, visits = 0;
+    for (int j = 0, t = blockIdx.x;; ++j) {
+      mbar_wait(tile_empty(j % 2), ((j / 2) & 1) ^ 1);  // the consumers have read slot j % 2's last tile
+      tile_slot[j % 2] = t;
+      mbar_arrive(tile_full(j % 2));
+      if (t >= num_tiles) break;
+      const TileInfo w = tile_info(t);
+      const int n_visits = w.row0 < w.s.seqlen_q ? num_visits(w) : 0;
+      if (n_visits > 0) {
+        // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
+        const int tb = w.s.varlen ? 0 : w.b, k_row = w.s.varlen ? w.s.k_start : 0;
+        const int hk = w.h / (p.num_heads_q / p.num_heads_k);
+        if (q_loads > 0) mbar_wait(empty_q, (q_loads - 1) & 1);  // the last tile's S GEMMs are done with Q
+        mbar_arrive_expect_tx(full_q, QTile::kBytes);
+        tma_load_tile<QTile>(sQ, &maps.q, full_q, (w.s.varlen ? w.s.q_start : 0) + w.row0, w.h, tb);
+        ++q_loads;
+        for (int i = 0; i < n_visits; ++i, ++visits) {
+          const int n = key_tile(w, i), st = visits % kStages;
+          const uint32_t free_parity = ((visits / kStages) & 1) ^ 1;  // round 0 finds every slot free
+          mbar_wait(empty_k(st), free_parity);
+          mbar_arrive_expect_tx(full_k(st), KTile::kBytes);
+          tma_load_tile<KTile>(sK0 + st * KTile::kBytes, &maps.k, full_k(st), k_row + n * kBlockN, hk, tb);
+          mbar_wait(empty_v(st), free_parity);
+          mbar_arrive_expect_tx(full_v(st), KTile::kBytes);
+          tma_load_tile<KTile>(sV0 + st * KTile::kBytes, &maps.v, full_v(st), k_row + n * kBlockN, hk, tb);
+        }
       }
+      t = kSparse ? num_tiles : static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
     }
     return;
   }
   regs_inc<Tr::kConsumerRegs>();
 
-  // Consumer c: rows 64 c .. 64 c + 63 of the tile. Thread coordinates in the warpgroup's m64
+  // Consumer c: rows 64 c .. 64 c + 63 of each tile. Thread coordinates in the warpgroup's m64
   // accumulators (wgmma.cuh): rows 16 warp + g (+8).
   const int c = wg - 1, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
   const int row_in_tile = 64 * c + 16 * warp + g;  // this thread's first row (the second is +8)
   const int my_turn = 1 + c, next_turn = 1 + (c + 1) % kConsumers;  // named barrier ids
   const float scale_log2 = p.softmax_scale_log2;
-
-  float acc_o[WgO::kRegs];
-#pragma unroll
-  for (int i = 0; i < WgO::kRegs; ++i) acc_o[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in log2 units
-  // P(i) as the A operand of the next turn's P V; with two register sets (Tr::kPSets), by the parity of
-  // i (the loop is unrolled by two): P(i) is packed while P(i-1) V(i-1) still reads the other set.
-  uint32_t p_a[Tr::kPSets][kNSteps][4];
+  // The GEMM turns run on across tiles: consumer 0 takes the first one, every turn hands over to the
+  // next consumer, and consumer 0 takes the last hand-over at the end, so every turn barrier ends
+  // balanced.
+  if (c == kConsumers - 1) named_arrive(1, kTurnThreads);
 
   auto issue_s = [&](float (&acc_s)[WgS::kRegs], int st) {  // S = Q_c K^T
     const uint32_t q_c = sQ + 64 * c * 128, k_st = sK0 + st * KTile::kBytes;
@@ -184,192 +223,230 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     wgmma_commit();
   };
-  auto issue_pv = [&](const uint32_t (&p)[kNSteps][4], int st) {  // O += P V (B = V, MN-major: k16 = 16 keys)
-    const uint32_t sV = sV0 + st * KTile::kBytes;
-#pragma unroll
-    for (int kk = 0; kk < kNSteps; ++kk)
-      WgO::template rs<1>(acc_o, p[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
-    wgmma_commit();
-  };
-  // Scores of key tile n_block, hidden keys (past the end, causal) at -inf, then the online softmax in
-  // log2 units: new row max, P = exp2(s scale_log2 - max) in place, running sum; corr = the factor
-  // for O.
-  // `masked` instances (for tiles that may hold hidden keys: need_mask) mask branch-free, a select
-  // against each row's key limit: control flow here would make ptxas wait for the P V in flight first.
-  // need_mask grows with the tile index, so those tiles come first in the descending walk (the sequence
-  // end, the causal diagonal) and the main loop runs an instance without the mask.
-  auto need_mask = [&](int n_block) {
-    const int col0 = n_block * kBlockN;
-    return col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
-  };
-  auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2], auto masked) {
-    if constexpr (decltype(masked)::value) {
-      const int col0 = n_block * kBlockN;
-      int key_limit[2];  // visible: 8 j + (e % 2) < key_limit (keys relative to col0 + 2 t4)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = row0 + row_in_tile + 8 * hh;
-        const int limit = kIsCausal ? min(seqlen_k, row + diag + 1) : seqlen_k;
-        key_limit[hh] = need_mask(n_block) ? limit - col0 - 2 * t4 : kBlockN;
-      }
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!(8 * j + (e % 2) < key_limit[e / 2])) acc_s[4 * j + e] = -INFINITY;
-    }
-    // Raw scores from here: the row max is taken unscaled (scale > 0) in four independent chains, and
-    // each exponential's scaling is one FFMA with it; the row sum in two chains.
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-        m4[j % 4] = fmaxf(m4[j % 4], fmaxf(acc_s[4 * j + 2 * hh], acc_s[4 * j + 2 * hh + 1]));
-      const float mx = fmaxf(row_max[hh], quad_max(fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]))) * scale_log2);
-      const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
-      corr[hh] = fast_exp2(row_max[hh] - ref);       // exp2(-inf) = 0 on the first tile
-      row_max[hh] = mx;
-      float sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = fast_exp2(fmaf(acc_s[4 * j + 2 * hh + e], scale_log2, -ref));
-          acc_s[4 * j + 2 * hh + e] = pv;
-          sum[e] += pv;
-        }
-      row_sum[hh] = row_sum[hh] * corr[hh] + (sum[0] + sum[1]);
-    }
-  };
-  auto pack_p = [&](const float (&acc_s)[WgS::kRegs], uint32_t (&p)[kNSteps][4]) {
-#pragma unroll
-    for (int kk = 0; kk < kNSteps; ++kk) {
-      p[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-      p[kk][1] = pack_float2<T>(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-      p[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-      p[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
-    }
-  };
 
-  if (n_first >= 0) {
-    mbar_wait(bar_q, 0);
-    if (c == kConsumers - 1) named_arrive(1, kTurnThreads);  // consumer 0 takes the first turn
-    float corr[2];
-    {  // tile 0: S only
-      float acc_s[WgS::kRegs];
-      mbar_wait(full_k(0), 0);
-      named_sync(my_turn, kTurnThreads);
-      wgmma_fence();
-      issue_s(acc_s, 0);
-      named_arrive(next_turn, kTurnThreads);
-      wgmma_wait<0>();
-      fence_operand(acc_s);
-      if (lane == 0) mbar_arrive(empty_k(0));
-      softmax(acc_s, n_first, corr, std::true_type{});
-      pack_p(acc_s, p_a[0]);  // O is still 0: no correction
-    }
-    // Iteration i >= 1 (tile n_block): one turn issues S(i) and P(i-1) V(i-1) (set kSet ^ 1), the
-    // softmax of S(i) runs while P V does, P(i) goes to set kSet, then O's correction.
-    auto iteration = [&](auto set, auto masked, int i, int n_block) {
-      constexpr int kSet = decltype(set)::value;
-      const int st = i % kStages, st_prev = (i - 1) % kStages;
-      mbar_wait(full_k(st), (i / kStages) & 1);
-      mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
-      named_sync(my_turn, kTurnThreads);
-      float acc_s[WgS::kRegs];
-      wgmma_fence();
-      issue_s(acc_s, st);
-      issue_pv(p_a[(kSet ^ 1) % Tr::kPSets], st_prev);
-      named_arrive(next_turn, kTurnThreads);
-      wgmma_wait<1>();  // S(i) done
-      fence_operand(acc_s);
-      softmax(acc_s, n_block, corr, masked);
-      if constexpr (Tr::kPSets == 2) {
-        pack_p(acc_s, p_a[kSet]);
-        fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
-      }
-      // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
-      // early as its operands allow; a predicate that reads the row sums (never negative, so it is
-      // lane == 0) holds both behind the whole softmax.
-      mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
-      wgmma_wait<0>();           // O now holds every tile before this one
-      fence_operand(acc_o);
-      fence_operand(p_a[(kSet ^ 1) % Tr::kPSets]);
-      // One set: P(i) goes into the registers P(i-1) V(i-1) read only now (packing them while that
-      // GEMM runs makes ptxas serialise every wgmma).
-      if constexpr (Tr::kPSets == 1) pack_p(acc_s, p_a[0]);
-      mbar_arrive_if(empty_v(st_prev), lane == 0);
+  int q_loads = 0, visits = 0;
+  for (int j = 0;; ++j) {
+    mbar_wait(tile_full(j % 2), (j / 2) & 1);
+    const int t = tile_slot[j % 2];
+    __syncwarp();
+    mbar_arrive_if(tile_empty(j % 2), lane == 0);
+    if (t >= num_tiles) break;
+    // What the main loop needs of the tile; the epilogue decodes the tile again (from an opaque copy of
+    // t), so that its coordinates are not held in registers across the loop.
+    const TileInfo w = tile_info(t);
+    const int seqlen_q = w.s.seqlen_q, seqlen_k = w.s.seqlen_k, row0 = w.row0;
+    if (row0 >= seqlen_q) continue;  // a padding tile of a shorter (varlen) sequence
+    const int diag = seqlen_k - seqlen_q;  // query i sees keys j <= i + diag (causal)
+    const int n_visits = num_visits(w);
+
+    float acc_o[WgO::kRegs];
 #pragma unroll
-      for (int j = 0; j < D / 8; ++j)
+    for (int i = 0; i < WgO::kRegs; ++i) acc_o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in log2 units
+    // P(i) as the A operand of the next turn's P V; with two register sets (Tr::kPSets), by the parity
+    // of i (the loop is unrolled by two): P(i) is packed while P(i-1) V(i-1) still reads the other set.
+    uint32_t p_a[Tr::kPSets][kNSteps][4];
+
+    auto issue_pv = [&](const uint32_t (&pa)[kNSteps][4], int st) {  // O += P V (B = V, MN-major: k16 = 16 keys)
+      const uint32_t sV = sV0 + st * KTile::kBytes;
+#pragma unroll
+      for (int kk = 0; kk < kNSteps; ++kk)
+        WgO::template rs<1>(acc_o, pa[kk], smem_desc(sV + kk * 16 * 128, KTile::kBlockBytes, 1024));
+      wgmma_commit();
+    };
+    // Scores of key tile n_block, hidden keys (past the end, causal) at -inf, then the online softmax in
+    // log2 units: new row max, P = exp2(s scale_log2 - max) in place, running sum; corr = the factor
+    // for O.
+    // `masked` instances (for tiles that may hold hidden keys: need_mask) mask branch-free, a select
+    // against each row's key limit: control flow here would make ptxas wait for the P V in flight first.
+    // need_mask grows with the tile index, so those tiles come first in the descending walk (the
+    // sequence end, the causal diagonal) and the main loop runs an instance without the mask.
+    auto need_mask = [&](int n_block) {
+      const int col0 = n_block * kBlockN;
+      return col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
+    };
+    auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2], auto masked) {
+      if constexpr (decltype(masked)::value) {
+        const int col0 = n_block * kBlockN;
+        int key_limit[2];  // visible: 8 j + (e % 2) < key_limit (keys relative to col0 + 2 t4)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          acc_o[4 * j + 2 * hh] *= corr[hh];
-          acc_o[4 * j + 2 * hh + 1] *= corr[hh];
+          const int row = row0 + row_in_tile + 8 * hh;
+          const int limit = kIsCausal ? min(seqlen_k, row + diag + 1) : seqlen_k;
+          key_limit[hh] = need_mask(n_block) ? limit - col0 - 2 * t4 : kBlockN;
         }
+#pragma unroll
+        for (int jj = 0; jj < kBlockN / 8; ++jj)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!(8 * jj + (e % 2) < key_limit[e / 2])) acc_s[4 * jj + e] = -INFINITY;
+      }
+      // Raw scores from here: the row max is taken unscaled (scale > 0) in four independent chains, and
+      // each exponential's scaling is one FFMA with it; the row sum in two chains.
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+        for (int jj = 0; jj < kBlockN / 8; ++jj)
+          m4[jj % 4] = fmaxf(m4[jj % 4], fmaxf(acc_s[4 * jj + 2 * hh], acc_s[4 * jj + 2 * hh + 1]));
+        const float mx = fmaxf(row_max[hh], quad_max(fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]))) * scale_log2);
+        const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
+        corr[hh] = fast_exp2(row_max[hh] - ref);       // exp2(-inf) = 0 on the first tile
+        row_max[hh] = mx;
+        float sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int jj = 0; jj < kBlockN / 8; ++jj)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pv = fast_exp2(fmaf(acc_s[4 * jj + 2 * hh + e], scale_log2, -ref));
+            acc_s[4 * jj + 2 * hh + e] = pv;
+            sum[e] += pv;
+          }
+        row_sum[hh] = row_sum[hh] * corr[hh] + (sum[0] + sum[1]);
+      }
     };
-    using Set0 = std::integral_constant<int, 0>;
-    using Set1 = std::integral_constant<int, Tr::kPSets - 1>;  // one set: always 0
-    int i = 1, n_block = tile(1);
-    // Tiles that need the mask (a prefix of the walk), then the rest unrolled by two (the P sets).
-    for (; n_block >= 0 && need_mask(n_block); n_block = tile(++i)) {
-      if (i % 2) iteration(Set1{}, std::true_type{}, i, n_block);
-      else iteration(Set0{}, std::true_type{}, i, n_block);
-    }
-    if (n_block >= 0 && i % 2 == 0) {
-      iteration(Set0{}, std::false_type{}, i, n_block);
-      n_block = tile(++i);
-    }
-    while (n_block >= 0) {
-      iteration(Set1{}, std::false_type{}, i, n_block);
-      n_block = tile(++i);
-      if (n_block < 0) break;
-      iteration(Set0{}, std::false_type{}, i, n_block);
-      n_block = tile(++i);
-    }
-    // The last tile's P V, in a turn of its own.
-    const int st_prev = (i - 1) % kStages;
-    mbar_wait(full_v(st_prev), ((i - 1) / kStages) & 1);
-    named_sync(my_turn, kTurnThreads);
-    wgmma_fence();
-    if ((i - 1) % Tr::kPSets) issue_pv(p_a[1 % Tr::kPSets], st_prev);
-    else issue_pv(p_a[0], st_prev);
-    // The last consumer's hand-over would have no taker: every turn barrier is left balanced.
-    if (c != kConsumers - 1) named_arrive(next_turn, kTurnThreads);
-    wgmma_wait<0>();
-    fence_operand(acc_o);
-  }
+    auto pack_p = [&](const float (&acc_s)[WgS::kRegs], uint32_t (&pa)[kNSteps][4]) {
+#pragma unroll
+      for (int kk = 0; kk < kNSteps; ++kk) {
+        pa[kk][0] = pack_float2<T>(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
+        pa[kk][1] = pack_float2<T>(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
+        pa[kk][2] = pack_float2<T>(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
+        pa[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
+      }
+    };
 
-  // Epilogue: normalise, write LSE, stage O through this consumer's rows of the Q tile (no other
-  // warpgroup reads them) for 16-byte stores.
-  T* o_ptr = static_cast<T*>(p.o) + s.tok(b, s.q_start, p.o_batch_stride, p.o_row_stride, h, p.o_head_stride);
-  float* lse_ptr = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
-  T* const sO = reinterpret_cast<T*>(smem);
+    if (n_visits > 0) {
+      mbar_wait(full_q, q_loads & 1);
+      ++q_loads;
+      float corr[2];
+      {  // visit 0: S only
+        const int st = visits % kStages;
+        float acc_s[WgS::kRegs];
+        mbar_wait(full_k(st), (visits / kStages) & 1);
+        named_sync(my_turn, kTurnThreads);
+        wgmma_fence();
+        issue_s(acc_s, st);
+        named_arrive(next_turn, kTurnThreads);
+        wgmma_wait<0>();
+        fence_operand(acc_s);
+        mbar_arrive_if(empty_k(st), lane == 0);
+        if (n_visits == 1) mbar_arrive_if(empty_q, lane == 0);  // this warpgroup's S GEMMs are done with Q
+        softmax(acc_s, key_tile(w, 0), corr, std::true_type{});
+        pack_p(acc_s, p_a[0]);  // O is still 0: no correction
+      }
+      // Visit i >= 1 (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
+      // P(i-1) V(i-1) (set kSet ^ 1), the softmax of S(i) runs while P V does, P(i) goes to set kSet,
+      // then O's correction.
+      auto iteration = [&](auto set, auto masked, int i, int n_block) {
+        constexpr int kSet = decltype(set)::value;
+        const int v = visits + i, st = v % kStages, st_prev = (v - 1) % kStages;
+        mbar_wait(full_k(st), (v / kStages) & 1);
+        mbar_wait(full_v(st_prev), ((v - 1) / kStages) & 1);
+        named_sync(my_turn, kTurnThreads);
+        float acc_s[WgS::kRegs];
+        wgmma_fence();
+        issue_s(acc_s, st);
+        issue_pv(p_a[(kSet ^ 1) % Tr::kPSets], st_prev);
+        named_arrive(next_turn, kTurnThreads);
+        wgmma_wait<1>();  // S(i) done
+        fence_operand(acc_s);
+        softmax(acc_s, n_block, corr, masked);
+        if constexpr (Tr::kPSets == 2) {
+          pack_p(acc_s, p_a[kSet]);
+          fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
+        }
+        // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
+        // early as its operands allow; a predicate that reads the row sums (never negative, so it is
+        // lane == 0) holds both behind the whole softmax.
+        mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
+        wgmma_wait<0>();           // O now holds every tile before this one
+        fence_operand(acc_o);
+        fence_operand(p_a[(kSet ^ 1) % Tr::kPSets]);
+        // One set: P(i) goes into the registers P(i-1) V(i-1) read only now (packing them while that
+        // GEMM runs makes ptxas serialise every wgmma).
+        if constexpr (Tr::kPSets == 1) pack_p(acc_s, p_a[0]);
+        mbar_arrive_if(empty_v(st_prev), lane == 0);
+        // The last S of the tile is done with Q: the producer may load the next tile's.
+        mbar_arrive_if(empty_q, lane == 0 && i == n_visits - 1);
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const float l = quad_sum(row_sum[hh]);
-    const bool empty = !(l > 0.f);
-    const float inv = empty ? 0.f : 1.f / l;
-    const int r = row_in_tile + 8 * hh;
-    if (t4 == 0 && row0 + r < seqlen_q)
-      lse_ptr[row0 + r] = empty ? -INFINITY : (row_max[hh] + __log2f(l)) * 0.69314718055994531f;
+        for (int jj = 0; jj < D / 8; ++jj)
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const int col = 8 * j + 2 * t4;
-      *reinterpret_cast<uint32_t*>(sO + QTile::offset(r, col) + (col & 7)) =
-          pack_float2<T>(acc_o[4 * j + 2 * hh] * inv, acc_o[4 * j + 2 * hh + 1] * inv);
+          for (int hh = 0; hh < 2; ++hh) {
+            acc_o[4 * jj + 2 * hh] *= corr[hh];
+            acc_o[4 * jj + 2 * hh + 1] *= corr[hh];
+          }
+      };
+      using Set0 = std::integral_constant<int, 0>;
+      using Set1 = std::integral_constant<int, Tr::kPSets - 1>;  // one set: always 0
+      int i = 1, n_block = key_tile(w, 1);
+      // Tiles that need the mask (a prefix of the walk), then the rest unrolled by two (the P sets).
+      for (; n_block >= 0 && need_mask(n_block); n_block = key_tile(w, ++i)) {
+        if (i % 2) iteration(Set1{}, std::true_type{}, i, n_block);
+        else iteration(Set0{}, std::true_type{}, i, n_block);
+      }
+      if (n_block >= 0 && i % 2 == 0) {
+        iteration(Set0{}, std::false_type{}, i, n_block);
+        n_block = key_tile(w, ++i);
+      }
+      while (n_block >= 0) {
+        iteration(Set1{}, std::false_type{}, i, n_block);
+        n_block = key_tile(w, ++i);
+        if (n_block < 0) break;
+        iteration(Set0{}, std::false_type{}, i, n_block);
+        n_block = key_tile(w, ++i);
+      }
+      // The last tile's P V, in a turn of its own.
+      const int v_last = visits + i - 1, st_prev = v_last % kStages;
+      mbar_wait(full_v(st_prev), (v_last / kStages) & 1);
+      named_sync(my_turn, kTurnThreads);
+      wgmma_fence();
+      if ((i - 1) % Tr::kPSets) issue_pv(p_a[1 % Tr::kPSets], st_prev);
+      else issue_pv(p_a[0], st_prev);
+      named_arrive(next_turn, kTurnThreads);
+      wgmma_wait<0>();
+      fence_operand(acc_o);
+      mbar_arrive_if(empty_v(st_prev), lane == 0);
+      visits += n_visits;
+    }
+
+    // Epilogue: normalise, write LSE, stage O through this consumer's rows of the O buffer (no other
+    // warpgroup reads them) for 16-byte stores.
+    const TileInfo we = tile_info(opaque(t));
+    const SeqInfo& s = we.s;
+    T* o_ptr = static_cast<T*>(p.o) + s.tok(we.b, s.q_start, p.o_batch_stride, p.o_row_stride, we.h, p.o_head_stride);
+    float* lse_ptr = p.lse + we.b * p.lse_batch_stride + we.h * p.lse_head_stride + s.q_start;
+    T* const sO = reinterpret_cast<T*>(smem + Tr::kOffO);
+    named_sync(1 + kConsumers + c, 128);  // this warpgroup's reads of the last tile's O rows are done
+    // The staging addresses from opaque thread coordinates: they do not depend on the tile, and hoisted
+    // out of the tile loop they would be held (spilled) across it.
+    const int row_e = opaque(row_in_tile), t4_e = opaque(t4);
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const float l = quad_sum(row_sum[hh]);
+      const bool empty = !(l > 0.f);
+      const float inv = empty ? 0.f : 1.f / l;
+      const int r = row_e + 8 * hh;
+      if (t4_e == 0 && we.row0 + r < s.seqlen_q)
+        lse_ptr[we.row0 + r] = empty ? -INFINITY : (row_max[hh] + __log2f(l)) * 0.69314718055994531f;
+#pragma unroll
+      for (int jj = 0; jj < D / 8; ++jj) {
+        const int col = 8 * jj + 2 * t4_e;
+        *reinterpret_cast<uint32_t*>(sO + QTile::offset(r, col) + (col & 7)) =
+            pack_float2<T>(acc_o[4 * jj + 2 * hh] * inv, acc_o[4 * jj + 2 * hh + 1] * inv);
+      }
+    }
+    named_sync(1 + kConsumers + c, 128);  // this warpgroup's rows are staged
+    constexpr int kChunks = D / 8;        // 16-byte chunks per row
+#pragma unroll
+    for (int it = 0; it < 64 * kChunks / 128; ++it) {
+      const int idx = it * 128 + opaque(tid % 128);
+      const int r = 64 * c + idx / kChunks, col = 8 * (idx % kChunks);
+      if (we.row0 + r < s.seqlen_q)
+        *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(we.row0 + r) * p.o_row_stride + col) =
+            *reinterpret_cast<const uint4*>(sO + QTile::offset(r, col));
     }
   }
-  named_sync(1 + kConsumers + c, 128);  // this warpgroup's rows are staged
-  constexpr int kChunks = D / 8;        // 16-byte chunks per row
-#pragma unroll
-  for (int it = 0; it < 64 * kChunks / 128; ++it) {
-    const int idx = it * 128 + tid % 128;
-    const int r = 64 * c + idx / kChunks, col = 8 * (idx % kChunks);
-    if (row0 + r < seqlen_q)
-      *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(row0 + r) * p.o_row_stride + col) =
-          *reinterpret_cast<const uint4*>(sO + QTile::offset(r, col));
-  }
+  if (c == 0) named_sync(my_turn, kTurnThreads);  // the last hand-over
 #endif
 }
 
@@ -394,8 +471,12 @@ bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   // + the mask row and the kept-tile list (int16)
   const int smem = Tr::kSmemBytes + (kSparse ? (p.block_mask_cols + 15) / 16 * 16 + 2 * p.block_mask_cols : 0);
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.num_heads_q, p.batch);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p, maps);
+  // One block per tile (block-sparse), or a persistent grid of at most one block per SM whose blocks
+  // claim tiles from p.tile_counter (zeroed here, on the kernel's stream).
+  const int64_t num_tiles = static_cast<int64_t>((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM) * p.num_heads_q * p.batch;
+  if (!kSparse) cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream);
+  const int blocks = kSparse ? static_cast<int>(num_tiles) : static_cast<int>(std::min<int64_t>(num_tiles, p.num_sm));
+  kernel<<<blocks, Tr::kThreads, smem, stream>>>(p, maps);
   return true;
 }
 
