@@ -1,11 +1,14 @@
 // FlashAttention forward, Hopper path (sm_90a): TMA + mbarriers + warp-specialised wgmma.
 //
-// Same mathematics and outputs as flash_fwd_kernel (flash_fwd.cuh). One thread block per
-// (kBlockM = 64 x kConsumers query rows, head, batch) and 1 + kConsumers warpgroups (FwdTraits):
-//   producer   (warpgroup 0, 24 / 32 registers): one thread issues the TMA loads of the Q tile and of the
-//              K / V tiles into kStages-deep shared-memory rings; "full" mbarriers count the bytes
-//              in, "empty" mbarriers count the consumer warps done with a slot;
-//   consumers  (warpgroups 1.., 240 / 160 registers): 64 query rows each, walking the key tiles
+// Same mathematics and outputs as flash_fwd_kernel (flash_fwd.cuh). Work comes in tiles of
+// (kBlockM = 64 x kConsumers query rows, head, batch) on a persistent grid (one block per SM, blocks
+// claiming tiles from a global counter in launch order).
+// 1 + kConsumers warpgroups (FwdTraits):
+//   producer   (warpgroup 0, 40 / 32 registers): one warp claims the tiles (and stages each tile's
+//              block-sparse mask row), one thread issues the TMA loads of the Q tile and of the
+//              K / V tiles into kStages-deep shared-memory rings; "full" mbarriers count the bytes in,
+//              "empty" mbarriers the consumer warps done with a slot;
+//   consumers  (warpgroups 1.., 232 / 160 registers): 64 query rows each, walking the key tiles
 //              (kBlockN = 128) from the last visible one down, like the stage-1 kernel.
 // Iteration i of a consumer issues, in one "GEMM turn",
 //   S(i)       = Q_c K(i)^T     wgmma m64n128, A = Q (smem, K-major), B = K (K-major)
@@ -13,7 +16,9 @@
 // then waits for both and runs the online softmax of S(i) (P(i), rescale of O) on the CUDA cores.
 // The consumers take GEMM turns round-robin (named barriers 1.., "ping-pong" for two), so one
 // warpgroup's softmax runs while another's GEMMs occupy the tensor cores; no block-wide
-// barrier sits in the loop. Dropout stays on the stage-1 kernel.
+// barrier sits in the loop, and the turns run on from one tile to the next (the producer loads the
+// next tile's Q and K / V during the current one's last GEMMs and epilogue). Dropout stays on the
+// stage-1 kernel.
 //
 // Included by flash_fwd.cuh (after TileLoader, before run_flash_fwd_hdim), not on its own.
 #pragma once
@@ -41,9 +46,11 @@ struct FwdTraits {
   static constexpr int kBlockM = 64 * kConsumers, kBlockN = 128;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = D == 64 ? 4 : 2;  // K / V ring depth
-  // setmaxnreg: 24 + 2 x 240 = 504 = 3 x 168, the launch allocation of 384 threads; with three
-  // consumers 32 + 3 x 160 = 512 = 4 x 128.
-  static constexpr int kProducerRegs = kConsumers == 2 ? 40 : 32, kConsumerRegs = kConsumers == 2 ? 232 : 160;
+  // setmaxnreg: 40 + 2 x 232 = 504 = 3 x 168, the launch allocation of 384 threads (the producer's
+  // tile loop spills at 24; 56 + 2 x 224 at head dim 64, block-sparse, whose producer warp also stages
+  // the mask rows); with three consumers 32 + 3 x 160 = 512 = 4 x 128.
+  static constexpr int kProducerRegs = kConsumers == 2 ? (D == 64 ? 56 : 40) : 32;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? (D == 64 ? 224 : 232) : 160;
   // P(i) in two register sets (packed while P(i-1) V(i-1) still reads the other), or one where
   // registers are short (three consumers: packed after that P V is waited for).
   static constexpr int kPSets = kConsumers == 2 ? 2 : 1;
@@ -92,14 +99,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // Work comes in tiles t = (query tile, head, batch), ordered as a grid would launch them: a head's
   // query tiles consecutive, heaviest (causal) first, so that the tiles running at once share K / V in
-  // L2. Dense: the grid is persistent (one block per SM); block x starts with tile x and then takes
-  // the next unclaimed one from a global counter (p.tile_counter), so that blocks that finish early take
-  // more (a dynamic schedule keeps the launch order's L2 window, a static one loses it for causal).
-  // The producer claims the next tile while the current one's last K / V tiles load, and loads its Q
-  // and K / V during the current tile's last GEMMs and epilogue. Block-sparse: one tile per block
-  // (staging the mask line takes the whole block).
+  // L2. The grid is persistent (one block per SM); block x starts with tile x and then takes the next
+  // unclaimed one from a global counter (p.tile_counter), so that blocks that finish early take more
+  // (a dynamic schedule keeps the launch order's L2 window, a static one loses it for causal). The
+  // producer claims the next tile while the current one's last K / V tiles load, and loads its Q and
+  // K / V during the current tile's last GEMMs and epilogue.
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int num_tiles = kSparse ? static_cast<int>(gridDim.x) : num_m * p.num_heads_q * p.batch;
+  const int num_tiles = num_m * p.num_heads_q * p.batch;
   struct TileInfo {
     SeqInfo s;
     int m_block, h, b, row0, n_block_max;  // n_block_max: key tiles up to the last visible one
@@ -134,27 +140,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     mbar_init_fence();
   }
-  // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited. The block's mask row
-  // is staged in shared memory and compacted into a descending list of kept tiles, which producer and
-  // consumers read by visit index; dense: visit i is key tile n_block_max - 1 - i.
-  int16_t* const tile_list = reinterpret_cast<int16_t*>(smem + Tr::kOffMask + (p.block_mask_cols + 15) / 16 * 16);
-  int* const tile_count = reinterpret_cast<int*>(smem + Tr::kOffCount);
-  if constexpr (kSparse) {
-    const TileInfo w = tile_info(blockIdx.x);
-    if (w.row0 < w.s.seqlen_q) {
-      stage_mask_line<kBlockN, kThreads>(reinterpret_cast<uint8_t*>(smem + Tr::kOffMask),
-                                         mask_row<kBlockN>(p, w.b, w.h, w.row0), w.n_block_max, tid);
-      __syncthreads();
-      if (tid < 32) {
-        const int count = compact_kept_desc(tile_list, base + Tr::kOffMask, w.n_block_max, tid);
-        if (tid == 0) *tile_count = count;
-      }
-    }
-  }
+  // Block-sparse (kSparse): only the key tiles of kept mask blocks are visited. For each tile the
+  // producer warp stages its mask row in shared memory and compacts it into a descending list of kept
+  // tiles, one row and list per tile slot, which producer and consumers read by visit index; dense:
+  // visit i is key tile n_block_max - 1 - i.
+  const int mask_row_bytes = (p.block_mask_cols + 15) / 16 * 16;
+  const int mask_slot_bytes = mask_row_bytes + (2 * p.block_mask_cols + 15) / 16 * 16;
+  auto mask_line = [&](int slot) { return Tr::kOffMask + slot * mask_slot_bytes; };  // byte offset
+  auto tile_list = [&](int slot) { return reinterpret_cast<int16_t*>(smem + mask_line(slot) + mask_row_bytes); };
+  int* const tile_count = reinterpret_cast<int*>(smem + Tr::kOffCount);  // per slot
   __syncthreads();
-  auto num_visits = [&](const TileInfo& w) { return kSparse ? *tile_count : w.n_block_max; };
-  auto key_tile = [&](const TileInfo& w, int i) {  // the key tile of visit i, or -1 past the last
-    if constexpr (kSparse) return i < *tile_count ? static_cast<int>(tile_list[i]) : -1;
+  auto key_tile = [&](const TileInfo& w, int slot, int i) {  // the key tile of visit i, or -1 past the last
+    if constexpr (kSparse) return i < tile_count[slot] ? static_cast<int>(tile_list(slot)[i]) : -1;
     else return i < w.n_block_max ? w.n_block_max - 1 - i : -1;
   };
   // With three consumers (160 registers) warp-uniform by construction (a shuffle from lane 0), so that
@@ -165,28 +162,49 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // Both roles walk the same tiles (handed over through two shared-memory slots) and count the same
   // loads: `q_loads` Q tiles so far, `visits` K / V ring slots (slot v is stage v % kStages in round
   // v / kStages).
-  if (wg == 0) {  // producer
+  if (wg == 0) {  // producer: thread 0 (block-sparse: warp 0, lane 0 issuing the loads)
     regs_dec<Tr::kProducerRegs>();
-    if (tid != 0) return;
+    if (tid >= (kSparse ? 32 : 1)) return;
+    const int lane = tid;
     int q_loads = 0, visits = 0;
     for (int j = 0, t = blockIdx.x;; ++j) {
-      mbar_wait(tile_empty(j % 2), ((j / 2) & 1) ^ 1);  // the consumers have read slot j % 2's last tile
-      tile_slot[j % 2] = t;
-      mbar_arrive(tile_full(j % 2));
-      if (t >= num_tiles) break;
+      const int slot = j % 2;
+      // The consumers are done with slot's last tile (its mask list too).
+      mbar_wait(tile_empty(slot), ((j / 2) & 1) ^ 1);
+      if (t >= num_tiles) {  // no more work: tell the consumers
+        if (lane == 0) {
+          tile_slot[slot] = t;
+          mbar_arrive(tile_full(slot));
+        }
+        break;
+      }
       const TileInfo w = tile_info(t);
-      const int n_visits = w.row0 < w.s.seqlen_q ? num_visits(w) : 0;
-      if (n_visits > 0) {
+      int n_visits = w.row0 < w.s.seqlen_q ? w.n_block_max : 0;
+      if constexpr (kSparse) {
+        if (n_visits > 0) {
+          stage_mask_line<kBlockN, 32>(reinterpret_cast<uint8_t*>(smem + mask_line(slot)),
+                                       mask_row<kBlockN>(p, w.b, w.h, w.row0), w.n_block_max, lane);
+          __syncwarp();
+          n_visits = compact_kept_desc(tile_list(slot), base + mask_line(slot), w.n_block_max, lane);
+        }
+        // Always written: a tile with nothing visible must not leave the slot's previous count behind.
+        if (lane == 0) tile_count[slot] = n_visits;
+        __syncwarp();
+      }
+      if (lane == 0) {
+        tile_slot[slot] = t;
+        mbar_arrive(tile_full(slot));
+      }
+      if (lane == 0 && n_visits > 0) {
         // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
         const int tb = w.s.varlen ? 0 : w.b, k_row = w.s.varlen ? w.s.k_start : 0;
         const int hk = w.h / (p.num_heads_q / p.num_heads_k);
         if (q_loads > 0) mbar_wait(empty_q, (q_loads - 1) & 1);  // the last tile's S GEMMs are done with Q
         mbar_arrive_expect_tx(full_q, QTile::kBytes);
         tma_load_tile<QTile>(sQ, &maps.q, full_q, (w.s.varlen ? w.s.q_start : 0) + w.row0, w.h, tb);
-        ++q_loads;
-        for (int i = 0; i < n_visits; ++i, ++visits) {
-          const int n = key_tile(w, i), st = visits % kStages;
-          const uint32_t free_parity = ((visits / kStages) & 1) ^ 1;  // round 0 finds every slot free
+        for (int i = 0; i < n_visits; ++i) {
+          const int v = visits + i, n = key_tile(w, slot, i), st = v % kStages;
+          const uint32_t free_parity = ((v / kStages) & 1) ^ 1;  // round 0 finds every slot free
           mbar_wait(empty_k(st), free_parity);
           mbar_arrive_expect_tx(full_k(st), KTile::kBytes);
           tma_load_tile<KTile>(sK0 + st * KTile::kBytes, &maps.k, full_k(st), k_row + n * kBlockN, hk, tb);
@@ -195,7 +213,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           tma_load_tile<KTile>(sV0 + st * KTile::kBytes, &maps.v, full_v(st), k_row + n * kBlockN, hk, tb);
         }
       }
-      t = kSparse ? num_tiles : static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
+      if (n_visits > 0) ++q_loads;
+      visits += n_visits;
+      int next = 0;
+      if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
+      t = kSparse ? __shfl_sync(0xffffffffu, next, 0) : next;
     }
     return;
   }
@@ -226,18 +248,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   int q_loads = 0, visits = 0;
   for (int j = 0;; ++j) {
-    mbar_wait(tile_full(j % 2), (j / 2) & 1);
-    const int t = tile_slot[j % 2];
-    __syncwarp();
-    mbar_arrive_if(tile_empty(j % 2), lane == 0);
+    const int slot = j % 2;
+    mbar_wait(tile_full(slot), (j / 2) & 1);
+    const int t = tile_slot[slot];
     if (t >= num_tiles) break;
     // What the main loop needs of the tile; the epilogue decodes the tile again (from an opaque copy of
     // t), so that its coordinates are not held in registers across the loop.
     const TileInfo w = tile_info(t);
     const int seqlen_q = w.s.seqlen_q, seqlen_k = w.s.seqlen_k, row0 = w.row0;
-    if (row0 >= seqlen_q) continue;  // a padding tile of a shorter (varlen) sequence
+    if (row0 >= seqlen_q) {  // a padding tile of a shorter (varlen) sequence
+      mbar_arrive_if(tile_empty(slot), lane == 0);
+      continue;
+    }
     const int diag = seqlen_k - seqlen_q;  // query i sees keys j <= i + diag (causal)
-    const int n_visits = num_visits(w);
+    const int n_visits = kSparse ? tile_count[slot] : w.n_block_max;
 
     float acc_o[WgO::kRegs];
 #pragma unroll
@@ -331,7 +355,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         fence_operand(acc_s);
         mbar_arrive_if(empty_k(st), lane == 0);
         if (n_visits == 1) mbar_arrive_if(empty_q, lane == 0);  // this warpgroup's S GEMMs are done with Q
-        softmax(acc_s, key_tile(w, 0), corr, std::true_type{});
+        softmax(acc_s, key_tile(w, slot, 0), corr, std::true_type{});
         pack_p(acc_s, p_a[0]);  // O is still 0: no correction
       }
       // Visit i >= 1 (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
@@ -378,22 +402,22 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       };
       using Set0 = std::integral_constant<int, 0>;
       using Set1 = std::integral_constant<int, Tr::kPSets - 1>;  // one set: always 0
-      int i = 1, n_block = key_tile(w, 1);
+      int i = 1, n_block = key_tile(w, slot, 1);
       // Tiles that need the mask (a prefix of the walk), then the rest unrolled by two (the P sets).
-      for (; n_block >= 0 && need_mask(n_block); n_block = key_tile(w, ++i)) {
+      for (; n_block >= 0 && need_mask(n_block); n_block = key_tile(w, slot, ++i)) {
         if (i % 2) iteration(Set1{}, std::true_type{}, i, n_block);
         else iteration(Set0{}, std::true_type{}, i, n_block);
       }
       if (n_block >= 0 && i % 2 == 0) {
         iteration(Set0{}, std::false_type{}, i, n_block);
-        n_block = key_tile(w, ++i);
+        n_block = key_tile(w, slot, ++i);
       }
       while (n_block >= 0) {
         iteration(Set1{}, std::false_type{}, i, n_block);
-        n_block = key_tile(w, ++i);
+        n_block = key_tile(w, slot, ++i);
         if (n_block < 0) break;
         iteration(Set0{}, std::false_type{}, i, n_block);
-        n_block = key_tile(w, ++i);
+        n_block = key_tile(w, slot, ++i);
       }
       // The last tile's P V, in a turn of its own.
       const int v_last = visits + i - 1, st_prev = v_last % kStages;
@@ -408,6 +432,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_arrive_if(empty_v(st_prev), lane == 0);
       visits += n_visits;
     }
+    // Done with the slot (the tile's mask list): the producer may stage the tile after next there.
+    mbar_arrive_if(tile_empty(slot), lane == 0);
 
     // Epilogue: normalise, write LSE, stage O through this consumer's rows of the O buffer (no other
     // warpgroup reads them) for 16-byte stores.
@@ -469,13 +495,14 @@ bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
                       p.v_batch_stride, Tr::kBlockN))
     return false;
   // + the mask row and the kept-tile list (int16)
-  const int smem = Tr::kSmemBytes + (kSparse ? (p.block_mask_cols + 15) / 16 * 16 + 2 * p.block_mask_cols : 0);
+  // + per tile slot: the mask row and the kept-tile list (int16)
+  const int smem = Tr::kSmemBytes + (kSparse ? 2 * ((p.block_mask_cols + 15) / 16 * 16 + (2 * p.block_mask_cols + 15) / 16 * 16) : 0);
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  // One block per tile (block-sparse), or a persistent grid of at most one block per SM whose blocks
-  // claim tiles from p.tile_counter (zeroed here, on the kernel's stream).
+  // A persistent grid of at most one block per SM, whose blocks claim tiles from p.tile_counter (zeroed
+  // here, on the kernel's stream).
   const int64_t num_tiles = static_cast<int64_t>((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM) * p.num_heads_q * p.batch;
-  if (!kSparse) cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream);
-  const int blocks = kSparse ? static_cast<int>(num_tiles) : static_cast<int>(std::min<int64_t>(num_tiles, p.num_sm));
+  cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream);
+  const int blocks = static_cast<int>(std::min<int64_t>(num_tiles, p.num_sm));
   kernel<<<blocks, Tr::kThreads, smem, stream>>>(p, maps);
   return true;
 }
