@@ -8,7 +8,8 @@ FlashAttention's benchmark shapes (16k tokens, hidden 2048), bf16; each impl run
 between cudaProfilerStart / Stop, for `ncu --profile-from-start off`).
 
     python bench/profile_fwd.py --backward --peer cudnn --kernel-times   # no ncu: torch.profiler's
-        GPU time per kernel of each impl's third call (which kernels a call launches, what each costs)
+        GPU time per kernel, the mean of 5 calls of each impl after the 2 warm-up ones (which kernels a
+        call launches, what each costs; L2 warm, unlike the bench, which flushes it before every call)
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@
 // The dQ warpgroup (2) computes dQ = dS K in two 64 x 64 parts (query rows 64p.. at 128 queries, else
 // columns 64p..): wgmma m64n64, A = dS (smem, M-major), B = K (MN-major), staged in shared memory and
 // added to dq_accum by the copy engine (one bulk reduce-add per warp and part; DqTiles); its warp 0
-// also loads the query tiles: Q and dO by TMA, their row statistics (lse2 and rowsum(dO O), prepared
+// also loads the query tiles from the third on (thread 0 of the block loads the first two in the
+// prologue): Q and dO by TMA, their row statistics (lse2 and rowsum(dO O), prepared
 // per query tile by flash_bwd_dot_do_o_kernel: StatTiles) by a bulk copy, into a two-stage ring.
 // No block-wide barrier in the loop: mbarriers hand over a query stage (full: loaded; empty: both math
 // warpgroups are done with it) and a dS^T buffer (two, by tile parity; full: both math warpgroups

@@ -4,11 +4,11 @@
 // (kBlockM = 64 x kConsumers query rows, head, batch) on a persistent grid (one block per SM, blocks
 // claiming tiles from a global counter in launch order).
 // 1 + kConsumers warpgroups (FwdTraits):
-//   producer   (warpgroup 0, 40 / 32 registers): one warp claims the tiles (and stages each tile's
-//              block-sparse mask row), one thread issues the TMA loads of the Q tile and of the
-//              K / V tiles into kStages-deep shared-memory rings; "full" mbarriers count the bytes in,
-//              "empty" mbarriers the consumer warps done with a slot;
-//   consumers  (warpgroups 1.., 232 / 160 registers): 64 query rows each, walking the key tiles
+//   producer   (warpgroup 0, 40 / 56 / 32 registers, see FwdTraits): one thread claims the tiles
+//              (block-sparse: one warp, which also stages each tile's mask row) and issues the TMA
+//              loads of the Q tile and of the K / V tiles into kStages-deep shared-memory rings; "full"
+//              mbarriers count the bytes in, "empty" mbarriers the consumer warps done with a slot;
+//   consumers  (warpgroups 1.., 232 / 224 / 160 registers): 64 query rows each, walking the key tiles
 //              (kBlockN = 128) from the last visible one down, like the stage-1 kernel.
 // Iteration i of a consumer issues, in one "GEMM turn",
 //   S(i)       = Q_c K(i)^T     wgmma m64n128, A = Q (smem, K-major), B = K (K-major)
@@ -58,15 +58,16 @@ struct FwdTraits {
   using KTile = SwizzledTile<kBlockN, D>;
   // Byte offsets from the 1024-aligned base: Q, O (the epilogue's staging, so that the next tile's Q can
   // load during it), K ring, V ring, mbarriers (full Q, empty Q, full K, full V, empty K, empty V, then
-  // the tile hand-over: full and empty of two slots) and the two slots, the block-sparse mask row.
+  // the tile hand-over: full and empty of two slots) and the two slots' tile indices and kept-tile
+  // counts, then (block-sparse) per slot the mask row and the kept-tile list.
   static constexpr int kOffO = QTile::kBytes;
   static constexpr int kOffK = 2 * QTile::kBytes;
   static constexpr int kOffV = kOffK + kStages * KTile::kBytes;
   static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;
   static constexpr int kOffSlots = kOffBar + 8 * (2 + 4 * kStages + 4);
   static constexpr int kOffCount = kOffSlots + 8;  // block-sparse: kept tiles
-  static constexpr int kOffMask = kOffCount + 16;  // block-sparse: the mask row, then the kept-tile list
-  static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the mask row and list)
+  static constexpr int kOffMask = kOffCount + 16;  // block-sparse: per slot the mask row and the kept-tile list
+  static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the two slots' rows and lists)
 };
 
 template <typename Tr, bool kIsCausal, bool kSparse>
@@ -494,9 +495,15 @@ bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
       !make_token_map(&maps.v, p.v, bf16, D, p.rows_k, p.num_heads_k, batch, p.v_row_stride, p.v_head_stride,
                       p.v_batch_stride, Tr::kBlockN))
     return false;
-  // + the mask row and the kept-tile list (int16)
   // + per tile slot: the mask row and the kept-tile list (int16)
   const int smem = Tr::kSmemBytes + (kSparse ? 2 * ((p.block_mask_cols + 15) / 16 * 16 + (2 * p.block_mask_cols + 15) / 16 * 16) : 0);
+  static const int max_smem = [] {
+    int device = 0, bytes = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    return bytes;
+  }();
+  if (smem > max_smem) return false;  // block-sparse rows of ~700k+ keys: the stage-1 kernel takes them
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   // A persistent grid of at most one block per SM, whose blocks claim tiles from p.tile_counter (zeroed
   // here, on the kernel's stream).

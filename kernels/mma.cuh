@@ -244,8 +244,6 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// 2^x with the hardware approximation (ex2.approx.ftz.f32); exp2f under --use_fast_math is the
-// same instruction, this makes it explicit and independent of the flag.
 // Returns x, hiding its value from the optimiser: what derives from it inside a loop is recomputed
 // there (one XOR or add per use) instead of being hoisted into registers held across the loop.
 __device__ __forceinline__ int opaque(int x) {
@@ -253,6 +251,8 @@ __device__ __forceinline__ int opaque(int x) {
   return x;
 }
 
+// 2^x with the hardware approximation (ex2.approx.ftz.f32); exp2f under --use_fast_math is the
+// same instruction, this makes it explicit and independent of the flag.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
