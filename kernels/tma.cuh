@@ -48,11 +48,6 @@ __device__ __forceinline__ void mbar_arrive_if(uint32_t bar, bool pred) {
       "r"(static_cast<int>(pred))
       : "memory");
 }
-// The mbarrier receives one arrival when this thread's earlier cp.async copies have landed (the
-// barrier's expected count includes it: .noinc).
-__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
 // Waits until the phase of parity `parity` has completed. A fresh barrier is in phase 0, so waiting on
 // parity 1 returns at once (how a producer sees its empty slots on the first round).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
