@@ -18,6 +18,8 @@ from flash_cases import (
     SEQLEN_PAIRS,
     SEQLENS,
     assert_within,
+    attention_fp32,
+    attention_lowp,
     dtype_id,
     make_qkv,
     random_cu_seqlens,
@@ -197,3 +199,37 @@ def test_deterministic_dropout_varlen():
     again = flash_grads(q, k, v, dout, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not any(torch.isnan(x).any() for x in first)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+def test_varlen_with_empty_sequences(head_dim, causal):
+    """Packed sequences of length 0 on either side (tiles with nothing to visit, blocks with no query
+    tile), grouped-query heads: the others match the oracle; queries without keys give 0 and lse -inf,
+    keys without queries get zero gradients."""
+    lens_q, lens_k = [0, 37, 0, 200, 1, 130], [5, 0, 0, 130, 64, 200]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    total_q, total_k = sum(lens_q), sum(lens_k)
+    q, k, v = (x[0] for x in make_qkv(1, total_q, total_k, 4, 2, head_dim, torch.bfloat16, seed=head_dim))
+    dout = torch.randn_like(q) + 0.5
+    scale = 1.0 / math.sqrt(head_dim)
+    kwargs = dict(causal=causal, softmax_scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                  max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))  # fmt: skip
+    out, lse = flash.flash_attention(q, k, v, return_lse=True, **kwargs)
+    dq, dk, dv = flash_grads(q, k, v, dout, **kwargs)
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        sq, sk = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+        if lq > 0 and lk == 0:
+            assert (out[sq] == 0).all() and (dq[sq] == 0).all(), f"seq{b}"
+            assert torch.isneginf(lse[:, sq]).all(), f"seq{b} lse"
+        elif lk > 0 and lq == 0:
+            assert (dk[sk] == 0).all() and (dv[sk] == 0).all(), f"seq{b}"
+        elif lq > 0:
+            qb, kb, vb, dob = q[None, sq], k[None, sk], v[None, sk], dout[None, sq]
+            ref, _ = attention_fp32(qb, kb, vb, causal=causal, softmax_scale=scale)
+            low = attention_lowp(qb, kb, vb, causal=causal, softmax_scale=scale)
+            assert_within(f"seq{b} out", out[None, sq], ref, low, 2.0)
+            check_grads(f"seq{b}", [dq[None, sq], dk[None, sk], dv[None, sk]], qb, kb, vb, dob, causal=causal,
+                        scale=scale)  # fmt: skip
