@@ -242,9 +242,6 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, c
   const int64_t tiled_rows = 128 * (varlen ? rows / 128 + batch : batch * ((q.size(1) + 127) / 128));
   Tensor dq_accum = at::empty({std::max(rows, tiled_rows), hq, d}, q.options().dtype(at::kFloat));
   Tensor dsoftmax_sum = at::empty_strided(lse.sizes(), lse.strides(), lse.options());
-  // The Hopper backward's row statistics per query tile (StatTiles in flash_bwd.cuh).
-  Tensor row_stat_tiles;
-  if (d == 64 || d == 128) row_stat_tiles = at::empty({2 * hq * (rows + 128 * batch)}, q.options().dtype(at::kFloat));
 
   longctx::FlashBwdParams p;
   std::memset(&p, 0, sizeof(p));
@@ -258,6 +255,11 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, c
   p.dq_accum = dq_accum.data_ptr<float>();
   p.dq_accum_floats = dq_accum.numel();  // zeroed where it is needed (run_flash_bwd_hdim)
   p.dsoftmax_sum = dsoftmax_sum.data_ptr<float>();
+  // The Hopper backward's row statistics per query tile (StatTiles in flash_bwd.cuh), only where that
+  // kernel may run.
+  Tensor row_stat_tiles;
+  if ((d == 64 || d == 128) && p.use_sm90)
+    row_stat_tiles = at::empty({2 * hq * (rows + 128 * batch)}, q.options().dtype(at::kFloat));
   p.row_stat_tiles = row_stat_tiles.defined() ? row_stat_tiles.data_ptr<float>() : nullptr;
   p.dk_accum = nullptr;
   p.dv_accum = nullptr;

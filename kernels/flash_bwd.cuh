@@ -107,20 +107,30 @@ __device__ __forceinline__ float lse_log2(float lse, bool valid) {
   return (valid && lse != -INFINITY) ? lse * 1.4426950408889634f : INFINITY;
 }
 
-// Query rows per iteration of the Hopper backward (BwdTraits in flash_bwd_sm90.cuh): 128 at head dim 64,
-// 64 at head dim 128.
+// Query rows per iteration of the Hopper backward (BwdTraits in flash_bwd_sm90.cuh), also the tile of
+// its per-tile workspaces: 128 at head dim 64 (twice the work per softmax pass), 64 at head dim 128
+// (registers: dK + dV already hold 128 per thread).
 template <int D>
 constexpr int kSm90BlockM = D == 64 ? 128 : 64;
+
+// Chunk (query tile m, head h) of sequence b in one of the Hopper backward's per-tile workspaces:
+// kChunk floats per (kBlockM-row query tile, head), chunks ordered (tile, head) from
+// SeqInfo::query_tile0 (dq_accum: DqTiles in flash_bwd_sm90.cuh; the row statistics: StatTiles).
+template <int kBlockM, int kChunk>
+__device__ __forceinline__ float* tile_chunk(float* base, const FlashBwdParams& p, const SeqInfo& s, int b, int h,
+                                             int m) {
+  return base + ((s.query_tile0<kBlockM>(b, p.seqlen_q) + m) * p.num_heads_q + h) * static_cast<int64_t>(kChunk);
+}
 
 // The row statistics as the Hopper backward reads them, one bulk copy per query tile
 // (p.row_stat_tiles): per (kBlockM-row query tile, head) a chunk of kBlockM lse2 values (lse_log2, so
 // +inf on empty rows and on the padding rows past the sequence end) then kBlockM values of D (0 on
-// padding rows); chunks ordered (tile, head) from SeqInfo::query_tile0.
+// padding rows).
 template <int kBlockM>
 struct StatTiles {
   static constexpr int kChunk = 2 * kBlockM;
   __device__ __forceinline__ static float* chunk(const FlashBwdParams& p, const SeqInfo& s, int b, int h, int m) {
-    return p.row_stat_tiles + ((s.query_tile0<kBlockM>(b, p.seqlen_q) + m) * p.num_heads_q + h) * kChunk;
+    return tile_chunk<kBlockM, kChunk>(p.row_stat_tiles, p, s, b, h, m);
   }
 };
 
@@ -144,9 +154,8 @@ __global__ void __launch_bounds__(kRowKernelThreads) flash_bwd_dot_do_o_kernel(c
   if (D % (4 * kRowThreads) == 0 && p.zero_dq_tiles && in_tiles) {  // (head dims 64 / 128 only)
     // The Hopper backward's dq_accum (DqTiles, kTileM x D floats per (tile, head)): this row's share of
     // its tile's chunk, D floats at (i % kTileM) x D (which values they are does not matter here).
-    float4* const dst = reinterpret_cast<float4*>(
-        p.dq_accum + ((s.query_tile0<kTileM>(b, p.seqlen_q) + i / kTileM) * p.num_heads_q + h) * (kTileM * D) +
-        (i % kTileM) * D);
+    float4* const dst =
+        reinterpret_cast<float4*>(tile_chunk<kTileM, kTileM * D>(p.dq_accum, p, s, b, h, i / kTileM) + (i % kTileM) * D);
 #pragma unroll
     for (int k = 0; k < D / (4 * kRowThreads); ++k)
       dst[threadIdx.x % kRowThreads + k * kRowThreads] = make_float4(0.f, 0.f, 0.f, 0.f);

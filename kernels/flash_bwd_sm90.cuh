@@ -44,21 +44,20 @@
 namespace longctx {
 namespace sm90 {
 
-// dq_accum as the Hopper backward writes it: one chunk of kBlockM x D fp32 per (query tile, head), chunks
-// ordered (tile, head); sequence b's tiles start at tile0(b) (padded batch: b x tiles per sequence;
-// packed varlen: q_start / kBlockM + b, so two sequences never share a tile; the binding sizes dq_accum
-// for kBlockM = 128, which covers 64 too). Inside a chunk the values lie in the order of the warps' dQ
-// accumulators, [part 2][warp 4][j 8][lane 32][4] (the dQ warpgroup's two GEMMs), so that each warp stores its
-// 4 KB contiguously (conflict-free) and hands it to one bulk reduce-add; flash_bwd_convert_dq_tiled_kernel
-// reads it back.
+// dq_accum as the Hopper backward writes it: one chunk of kBlockM x D fp32 per (query tile, head)
+// (bwd::tile_chunk: sequence b's tiles start at SeqInfo::query_tile0, so two packed sequences never
+// share a tile; the binding sizes dq_accum for kBlockM = 128, which covers 64 too). Inside a chunk the
+// values lie in the order of the warps' dQ accumulators, [part 2][warp 4][j 8][lane 32][4] (the dQ
+// warpgroup's two GEMMs), so that each warp stores its 4 KB contiguously (conflict-free) and hands it
+// to one bulk reduce-add; flash_bwd_convert_dq_tiled_kernel reads it back.
 template <int kBlockM, int D>
 struct DqTiles {
   static_assert(kBlockM * D == 128 * 64, "a chunk is two 64 x 64 parts");
   static constexpr int kChunk = kBlockM * D;      // floats per (tile, head)
   static constexpr int kWarpFloats = 32 * 32;     // one warp's part of a chunk: 32 lanes x 32 values
   static constexpr bool kByRows = kBlockM == 128;  // part g: rows 64g.. (else columns 64g..)
-  __device__ __forceinline__ static int64_t tile0(const SeqInfo& s, int b, int max_seqlen_q) {
-    return s.query_tile0<kBlockM>(b, max_seqlen_q);
+  __device__ __forceinline__ static float* chunk(const FlashBwdParams& p, const SeqInfo& s, int b, int h, int m) {
+    return bwd::tile_chunk<kBlockM, kChunk>(p.dq_accum, p, s, b, h, m);
   }
   // Float4 j of `lane` of `warp` (0..3) of `part` holds the m64n64 accumulator's elements (row, col),
   // (row, col + 1), (row + 8, col), (row + 8, col + 1) of that part (wgmma.cuh), with:
@@ -75,11 +74,10 @@ struct BwdTraits {
   using T = T_;
   static constexpr int D = kHeadDim_;
   static_assert(D == 64 || D == 128, "the Hopper backward covers head dims 64 and 128");
-  // Queries per iteration: 128 at head dim 64 (twice the work per barrier and per softmax pass),
-  // 64 at head dim 128 (registers: dK + dV already hold 128 per thread).
+  // Queries per iteration: bwd::kSm90BlockM (128 at head dim 64, 64 at head dim 128).
   // Three warpgroups: two "math" warpgroups (keys 64g.., the S^T / dP^T / dV / dK GEMMs and the
   // elementwise work) and one dQ warpgroup (the dQ GEMM, its reduction into dq_accum, the loads).
-  static constexpr int kBlockN = 128, kBlockM = D == 64 ? 128 : 64, kThreads = 384;
+  static constexpr int kBlockN = 128, kBlockM = bwd::kSm90BlockM<D>, kThreads = 384;
   // setmaxnreg: the block starts with 168 registers per thread (384 threads); 2 x 216 + 72 = 504 =
   // 3 x 168 (more than the block holds makes setmaxnreg.inc wait forever).
   static constexpr int kMathRegs = 216, kDqRegs = 72;
@@ -166,7 +164,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const T* v_ptr = static_cast<const T*>(p.v) + s.tok(b, s.k_start, p.v_batch_stride, p.v_row_stride, hk, p.v_head_stride);
   // This block's chunk of query tile m is dq_tiles + m x dq_tile_stride (DqTiles), its row statistics
   // StatTiles::chunk(.., m) (lse2 then rowsum(dO O), padding rows included).
-  float* const dq_tiles = p.dq_accum + (DqT::tile0(s, b, p.seqlen_q) * p.num_heads_q + h) * DqT::kChunk;
+  float* const dq_tiles = DqT::chunk(p, s, b, h, 0);
   const int64_t dq_tile_stride = static_cast<int64_t>(p.num_heads_q) * DqT::kChunk;
 
   // Prologue: K, V (cp.async, all threads) and the first two query tiles. A query tile is Q and dO by
@@ -421,8 +419,7 @@ __global__ void __launch_bounds__(256) flash_bwd_convert_dq_tiled_kernel(const F
   const SeqInfo s(p, b);
   if (m * Tr::kBlockM >= s.seqlen_q) return;
   const int part = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-  const float* src = p.dq_accum + ((DqT::tile0(s, b, p.seqlen_q) + m) * p.num_heads_q + h) * DqT::kChunk +
-                     threadIdx.x / 32 * DqT::kWarpFloats + 4 * lane;
+  const float* src = DqT::chunk(p, s, b, h, m) + threadIdx.x / 32 * DqT::kWarpFloats + 4 * lane;
   const int r0 = DqT::row(part, warp, lane);  // rows r0 (values 0, 1) and r0 + 8 (2, 3) of the tile
   const float sc = p.softmax_scale;
 #pragma unroll
