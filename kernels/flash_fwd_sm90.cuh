@@ -65,7 +65,7 @@ struct FwdTraits {
   static constexpr int kOffV = kOffK + kStages * KTile::kBytes;
   static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;
   static constexpr int kOffSlots = kOffBar + 8 * (2 + 4 * kStages + 4);
-  static constexpr int kOffCount = kOffSlots + 8;  // block-sparse: kept tiles
+  static constexpr int kOffCount = kOffSlots + 8;  // block-sparse: per slot the kept-tile count
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: per slot the mask row and the kept-tile list
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the two slots' rows and lists)
 };
