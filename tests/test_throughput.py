@@ -117,3 +117,24 @@ def test_throughput_logs_rates_without_validation_time(tmp_path) -> None:
     flops = model_flops_per_token(module.model, 32)
     assert row["train/tflops_per_device"] == pytest.approx(row["train/tokens_per_s"] * flops / 1e12, rel=1e-4)
     assert row["train/mfu"] == pytest.approx(row["train/tflops_per_device"] / 0.5, rel=1e-4)
+
+
+def test_metrics_log_drops_a_line_cut_off_by_a_kill(tmp_path) -> None:
+    """A run killed mid-write leaves an unterminated line; the resumed run's MetricsLog removes it
+    before appending, so every line of metrics.jsonl parses."""
+    import json
+    from types import SimpleNamespace
+
+    from longctx.callbacks import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "train/loss": 2.5}\n{"step": 20, "trai')
+    log = MetricsLog(path)
+    log.setup(SimpleNamespace(global_rank=0), None, "fit")
+    metrics = {"train/loss": torch.tensor(2.0)}
+    trainer = SimpleNamespace(global_rank=0, global_step=20, callback_metrics=metrics)
+    log._write(trainer, "train/")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [{"step": 10, "train/loss": 2.5}, {"step": 20, "train/loss": 2.0}]
+    log.setup(SimpleNamespace(global_rank=0), None, "fit")  # a complete file is left as it is
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows

@@ -54,7 +54,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
     """step -> train loss, the last line for a step winning (a resumed run rewrites steps after its
     checkpoint)."""
     out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    text = (run_dir / "metrics.jsonl").read_text()
+    for line in text[: text.rfind("\n") + 1].splitlines():  # complete lines (the run may be writing one)
         row = json.loads(line)
         if "train/loss" in row:
             out[row["step"]] = row["train/loss"]

@@ -90,6 +90,14 @@ class MetricsLog(L.Callback):
         self.path = Path(path)
         self._last_step = -1
 
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        # A run killed while writing a line leaves it unterminated: drop it before appending, so the
+        # resumed run's rows start on a line of their own.
+        if trainer.global_rank == 0 and self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                self.path.write_bytes(data[: data.rfind(b"\n") + 1])
+
     def _write(self, trainer: L.Trainer, prefix: str) -> None:
         if trainer.global_rank != 0:
             return
