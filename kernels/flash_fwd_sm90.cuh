@@ -16,9 +16,11 @@
 // then waits for both and runs the online softmax of S(i) (P(i), rescale of O) on the CUDA cores.
 // The consumers take GEMM turns round-robin (named barriers 1.., "ping-pong" for two), so one
 // warpgroup's softmax runs while another's GEMMs occupy the tensor cores; no block-wide
-// barrier sits in the loop, and the turns run on from one tile to the next (the producer loads the
-// next tile's Q and K / V during the current one's last GEMMs and epilogue). Dropout stays on the
-// stage-1 kernel.
+// barrier sits in the loop, and the turns run on from one tile to the next (Q has two buffers, so the
+// producer loads the next tile's Q as soon as it is done issuing the current tile's K / V; the
+// epilogue stages O in its tile's Q buffer). A consumer takes a turn without GEMMs for the key tiles
+// it sees nothing of (causal: the top rows of a tile on the diagonal). Dropout stays on the stage-1
+// kernel.
 //
 // Included by flash_fwd.cuh (after TileLoader, before run_flash_fwd_hdim), not on its own.
 #pragma once
@@ -56,15 +58,15 @@ struct FwdTraits {
   static constexpr int kPSets = kConsumers == 2 ? 2 : 1;
   using QTile = SwizzledTile<kBlockM, D>;
   using KTile = SwizzledTile<kBlockN, D>;
-  // Byte offsets from the 1024-aligned base: Q, O (the epilogue's staging, so that the next tile's Q can
-  // load during it), K ring, V ring, mbarriers (full Q, empty Q, full K, full V, empty K, empty V, then
-  // the tile hand-over: full and empty of two slots) and the two slots' tile indices and kept-tile
-  // counts, then (block-sparse) per slot the mask row and the kept-tile list.
-  static constexpr int kOffO = QTile::kBytes;
+  // Byte offsets from the 1024-aligned base: two Q buffers (tiles alternate; the epilogue stages O in
+  // its tile's buffer, so that the next tile's Q loads a whole tile ahead), K ring, V ring, mbarriers
+  // (full and empty of the two Q buffers, full K, full V, empty K, empty V, then the tile hand-over:
+  // full and empty of two slots) and the two slots' tile indices and kept-tile counts, then
+  // (block-sparse) per slot the mask row and the kept-tile list.
   static constexpr int kOffK = 2 * QTile::kBytes;
   static constexpr int kOffV = kOffK + kStages * KTile::kBytes;
   static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;
-  static constexpr int kOffSlots = kOffBar + 8 * (2 + 4 * kStages + 4);
+  static constexpr int kOffSlots = kOffBar + 8 * (4 + 4 * kStages + 4);
   static constexpr int kOffCount = kOffSlots + 8;  // block-sparse: per slot the kept-tile count
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: per slot the mask row and the kept-tile list
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the two slots' rows and lists)
@@ -87,14 +89,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   extern __shared__ char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   char* const smem = smem_raw + (base - smem_u32(smem_raw));
-  const uint32_t sQ = base, sK0 = base + Tr::kOffK, sV0 = base + Tr::kOffV, bars = base + Tr::kOffBar;
-  const uint32_t full_q = bars, empty_q = bars + 8;
-  auto full_k = [&](int st) { return bars + 8 * (2 + st); };
-  auto full_v = [&](int st) { return bars + 8 * (2 + kStages + st); };
-  auto empty_k = [&](int st) { return bars + 8 * (2 + 2 * kStages + st); };
-  auto empty_v = [&](int st) { return bars + 8 * (2 + 3 * kStages + st); };
-  auto tile_full = [&](int j) { return bars + 8 * (2 + 4 * kStages + j); };
-  auto tile_empty = [&](int j) { return bars + 8 * (4 + 4 * kStages + j); };
+  const uint32_t sK0 = base + Tr::kOffK, sV0 = base + Tr::kOffV, bars = base + Tr::kOffBar;
+  auto q_buffer = [&](int qb) { return base + qb * QTile::kBytes; };
+  auto full_q = [&](int qb) { return bars + 8 * qb; };
+  auto empty_q = [&](int qb) { return bars + 8 * (2 + qb); };
+  auto full_k = [&](int st) { return bars + 8 * (4 + st); };
+  auto full_v = [&](int st) { return bars + 8 * (4 + kStages + st); };
+  auto empty_k = [&](int st) { return bars + 8 * (4 + 2 * kStages + st); };
+  auto empty_v = [&](int st) { return bars + 8 * (4 + 3 * kStages + st); };
+  auto tile_full = [&](int j) { return bars + 8 * (4 + 4 * kStages + j); };
+  auto tile_empty = [&](int j) { return bars + 8 * (6 + 4 * kStages + j); };
   int* const tile_slot = reinterpret_cast<int*>(smem + Tr::kOffSlots);
   const int tid = threadIdx.x;
 
@@ -126,8 +130,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
 
   if (tid == 0) {
-    mbar_init(full_q, 1);
-    mbar_init(empty_q, 4 * kConsumers);  // lane 0 of every consumer warp, after its last S of a tile
+    for (int qb = 0; qb < 2; ++qb) {
+      mbar_init(full_q(qb), 1);
+      mbar_init(empty_q(qb), 4 * kConsumers);  // lane 0 of every consumer warp, after its epilogue
+    }
 #pragma unroll
     for (int st = 0; st < kStages; ++st) {
       mbar_init(full_k(st), 1);
@@ -161,8 +167,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int wg = kConsumers == 3 ? __shfl_sync(0xffffffffu, tid / 128, 0) : tid / 128;
 
   // Both roles walk the same tiles (handed over through two shared-memory slots) and count the same
-  // loads: `q_loads` Q tiles so far, `visits` K / V ring slots (slot v is stage v % kStages in round
-  // v / kStages).
+  // loads: `q_loads` Q buffers taken so far (one per tile with rows; buffer q_loads % 2 in round
+  // q_loads / 2), `visits` K / V ring slots (slot v is stage v % kStages in round v / kStages).
   if (wg == 0) {  // producer: thread 0 (block-sparse: warp 0, lane 0 issuing the loads)
     regs_dec<Tr::kProducerRegs>();
     if (tid >= (kSparse ? 32 : 1)) return;
@@ -179,8 +185,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
         break;
       }
+      // Claim the tile after this one now: the atomic's round trip hides behind this tile's loads.
+      int next = 0;
+      if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
       const TileInfo w = tile_info(t);
-      int n_visits = w.row0 < w.s.seqlen_q ? w.n_block_max : 0;
+      const bool has_rows = w.row0 < w.s.seqlen_q;  // else a padding tile of a shorter (varlen) sequence
+      int n_visits = has_rows ? w.n_block_max : 0;
       if constexpr (kSparse) {
         if (n_visits > 0) {
           stage_mask_line<kBlockN, 32>(reinterpret_cast<uint8_t*>(smem + mask_line(slot)),
@@ -196,13 +206,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         tile_slot[slot] = t;
         mbar_arrive(tile_full(slot));
       }
-      if (lane == 0 && n_visits > 0) {
+      if (lane == 0 && has_rows) {
         // Packed varlen tensors are one "batch" whose rows start at the sequence's offset.
         const int tb = w.s.varlen ? 0 : w.b, k_row = w.s.varlen ? w.s.k_start : 0;
         const int hk = w.h / (p.num_heads_q / p.num_heads_k);
-        if (q_loads > 0) mbar_wait(empty_q, (q_loads - 1) & 1);  // the last tile's S GEMMs are done with Q
-        mbar_arrive_expect_tx(full_q, QTile::kBytes);
-        tma_load_tile<QTile>(sQ, &maps.q, full_q, (w.s.varlen ? w.s.q_start : 0) + w.row0, w.h, tb);
+        // The Q buffer is free once the tile before last has staged and stored its O there. A tile that
+        // sees no keys takes a buffer too (its epilogue stages O there), without loading Q.
+        const int qb = q_loads % 2;
+        mbar_wait(empty_q(qb), ((q_loads / 2) & 1) ^ 1);  // round 0 finds both buffers free
+        if (n_visits > 0) {
+          mbar_arrive_expect_tx(full_q(qb), QTile::kBytes);
+          tma_load_tile<QTile>(q_buffer(qb), &maps.q, full_q(qb), (w.s.varlen ? w.s.q_start : 0) + w.row0, w.h, tb);
+        } else {
+          mbar_arrive(full_q(qb));
+        }
         for (int i = 0; i < n_visits; ++i) {
           const int v = visits + i, n = key_tile(w, slot, i), st = v % kStages;
           const uint32_t free_parity = ((v / kStages) & 1) ^ 1;  // round 0 finds every slot free
@@ -214,10 +231,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           tma_load_tile<KTile>(sV0 + st * KTile::kBytes, &maps.v, full_v(st), k_row + n * kBlockN, hk, tb);
         }
       }
-      if (n_visits > 0) ++q_loads;
+      if (has_rows) ++q_loads;
       visits += n_visits;
-      int next = 0;
-      if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
       t = kSparse ? __shfl_sync(0xffffffffu, next, 0) : next;
     }
     return;
@@ -235,7 +250,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // balanced.
   if (c == kConsumers - 1) named_arrive(1, kTurnThreads);
 
-  auto issue_s = [&](float (&acc_s)[WgS::kRegs], int st) {  // S = Q_c K^T
+  auto issue_s = [&](float (&acc_s)[WgS::kRegs], uint32_t sQ, int st) {  // S = Q_c K^T
     const uint32_t q_c = sQ + 64 * c * 128, k_st = sK0 + st * KTile::kBytes;
 #pragma unroll
     for (int kk = 0; kk < kDSteps; ++kk) {
@@ -263,6 +278,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     const int diag = seqlen_k - seqlen_q;  // query i sees keys j <= i + diag (causal)
     const int n_visits = kSparse ? tile_count[slot] : w.n_block_max;
+    // This consumer's rows start at my_row0. The visits are the tile's; the first `first` of them are
+    // key tiles this consumer sees nothing of (causal: past its last row's limit, e.g. the top 64 rows
+    // of a 192-row tile on the diagonal; every visit for rows past the sequence end). It skips them:
+    // a turn without GEMMs, releasing the ring slots.
+    const int my_row0 = __shfl_sync(0xffffffffu, row0 + 64 * c, 0);  // warp-uniform (see `first`)
+    int first = 0;
+    if (my_row0 >= seqlen_q) {
+      first = n_visits;
+    } else if (kIsCausal) {
+      const int last_key = min(my_row0 + 63, seqlen_q - 1) + diag;
+      while (first < n_visits && key_tile(w, slot, first) * kBlockN > last_key) ++first;
+    }
+    // Warp-uniform for ptxas (a shuffle from lane 0): branching on it otherwise serialises every wgmma.
+    first = __shfl_sync(0xffffffffu, first, 0);
+    // The tile's Q buffer (loaded, or for a tile that sees no keys only handed over).
+    const int qb = q_loads % 2;
+    const uint32_t sQ = q_buffer(qb);
+    mbar_wait(full_q(qb), (q_loads / 2) & 1);
+    ++q_loads;
 
     float acc_o[WgO::kRegs];
 #pragma unroll
@@ -288,7 +322,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // sequence end, the causal diagonal) and the main loop runs an instance without the mask.
     auto need_mask = [&](int n_block) {
       const int col0 = n_block * kBlockN;
-      return col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > row0 + diag);
+      return col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > my_row0 + diag);
     };
     auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2], auto masked) {
       if constexpr (decltype(masked)::value) {
@@ -341,27 +375,41 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     };
 
     if (n_visits > 0) {
-      mbar_wait(full_q, q_loads & 1);
-      ++q_loads;
+      // The skipped visits. Their slots are released only once loaded: an early arrival would count
+      // towards the slot's previous round, which other consumers may still be reading.
+      for (int i = 0; i < first; ++i) {
+        const int v = visits + i, st = v % kStages;
+        mbar_wait(full_k(st), (v / kStages) & 1);
+        mbar_wait(full_v(st), (v / kStages) & 1);
+        named_sync(my_turn, kTurnThreads);
+        named_arrive(next_turn, kTurnThreads);
+        mbar_arrive_if(empty_k(st), lane == 0);
+        mbar_arrive_if(empty_v(st), lane == 0);
+      }
+    }
+    if (n_visits > 0 && first == n_visits) {  // nothing to see: the last P V turn empty too
+      named_sync(my_turn, kTurnThreads);
+      named_arrive(next_turn, kTurnThreads);
+      visits += n_visits;
+    } else if (n_visits > 0) {
       float corr[2];
-      {  // visit 0: S only
-        const int st = visits % kStages;
+      {  // the first visit: S only
+        const int v = visits + first, st = v % kStages;
         float acc_s[WgS::kRegs];
-        mbar_wait(full_k(st), (visits / kStages) & 1);
+        mbar_wait(full_k(st), (v / kStages) & 1);
         named_sync(my_turn, kTurnThreads);
         wgmma_fence();
-        issue_s(acc_s, st);
+        issue_s(acc_s, sQ, st);
         named_arrive(next_turn, kTurnThreads);
         wgmma_wait<0>();
         fence_operand(acc_s);
         mbar_arrive_if(empty_k(st), lane == 0);
-        if (n_visits == 1) mbar_arrive_if(empty_q, lane == 0);  // this warpgroup's S GEMMs are done with Q
-        softmax(acc_s, key_tile(w, slot, 0), corr, std::true_type{});
+        softmax(acc_s, key_tile(w, slot, first), corr, std::true_type{});
         pack_p(acc_s, p_a[0]);  // O is still 0: no correction
       }
-      // Visit i >= 1 (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
-      // P(i-1) V(i-1) (set kSet ^ 1), the softmax of S(i) runs while P V does, P(i) goes to set kSet,
-      // then O's correction.
+      // Visit i > first (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
+      // P(i-1) V(i-1) (set kSet ^ 1), the softmax of S(i) runs while P V does, P(i) goes to set kSet
+      // (by the parity of i - first), then O's correction.
       auto iteration = [&](auto set, auto masked, int i, int n_block) {
         constexpr int kSet = decltype(set)::value;
         const int v = visits + i, st = v % kStages, st_prev = (v - 1) % kStages;
@@ -370,7 +418,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         named_sync(my_turn, kTurnThreads);
         float acc_s[WgS::kRegs];
         wgmma_fence();
-        issue_s(acc_s, st);
+        issue_s(acc_s, sQ, st);
         issue_pv(p_a[(kSet ^ 1) % Tr::kPSets], st_prev);
         named_arrive(next_turn, kTurnThreads);
         wgmma_wait<1>();  // S(i) done
@@ -391,8 +439,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // GEMM runs makes ptxas serialise every wgmma).
         if constexpr (Tr::kPSets == 1) pack_p(acc_s, p_a[0]);
         mbar_arrive_if(empty_v(st_prev), lane == 0);
-        // The last S of the tile is done with Q: the producer may load the next tile's.
-        mbar_arrive_if(empty_q, lane == 0 && i == n_visits - 1);
 #pragma unroll
         for (int jj = 0; jj < D / 8; ++jj)
 #pragma unroll
@@ -403,13 +449,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       };
       using Set0 = std::integral_constant<int, 0>;
       using Set1 = std::integral_constant<int, Tr::kPSets - 1>;  // one set: always 0
-      int i = 1, n_block = key_tile(w, slot, 1);
+      int i = first + 1, n_block = key_tile(w, slot, i);
       // Tiles that need the mask (a prefix of the walk), then the rest unrolled by two (the P sets).
       for (; n_block >= 0 && need_mask(n_block); n_block = key_tile(w, slot, ++i)) {
-        if (i % 2) iteration(Set1{}, std::true_type{}, i, n_block);
+        if ((i - first) % 2) iteration(Set1{}, std::true_type{}, i, n_block);
         else iteration(Set0{}, std::true_type{}, i, n_block);
       }
-      if (n_block >= 0 && i % 2 == 0) {
+      if (n_block >= 0 && (i - first) % 2 == 0) {
         iteration(Set0{}, std::false_type{}, i, n_block);
         n_block = key_tile(w, slot, ++i);
       }
@@ -425,7 +471,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       mbar_wait(full_v(st_prev), (v_last / kStages) & 1);
       named_sync(my_turn, kTurnThreads);
       wgmma_fence();
-      if ((i - 1) % Tr::kPSets) issue_pv(p_a[1 % Tr::kPSets], st_prev);
+      if ((i - 1 - first) % Tr::kPSets) issue_pv(p_a[1 % Tr::kPSets], st_prev);
       else issue_pv(p_a[0], st_prev);
       named_arrive(next_turn, kTurnThreads);
       wgmma_wait<0>();
@@ -436,14 +482,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // Done with the slot (the tile's mask list): the producer may stage the tile after next there.
     mbar_arrive_if(tile_empty(slot), lane == 0);
 
-    // Epilogue: normalise, write LSE, stage O through this consumer's rows of the O buffer (no other
-    // warpgroup reads them) for 16-byte stores.
+    // Epilogue: normalise, write LSE, stage O through this consumer's Q rows of the tile's Q buffer (no
+    // other warpgroup reads them) for 16-byte stores, then hand the buffer back to the producer.
     const TileInfo we = tile_info(opaque(t));
     const SeqInfo& s = we.s;
     T* o_ptr = static_cast<T*>(p.o) + s.tok(we.b, s.q_start, p.o_batch_stride, p.o_row_stride, we.h, p.o_head_stride);
     float* lse_ptr = p.lse + we.b * p.lse_batch_stride + we.h * p.lse_head_stride + s.q_start;
-    T* const sO = reinterpret_cast<T*>(smem + Tr::kOffO);
-    named_sync(1 + kConsumers + c, 128);  // this warpgroup's reads of the last tile's O rows are done
+    const int qb_e = (q_loads - 1) % 2;
+    T* const sO = reinterpret_cast<T*>(smem + qb_e * QTile::kBytes);
+    named_sync(1 + kConsumers + c, 128);  // this warpgroup's S GEMMs are done with its Q rows
     // The staging addresses from opaque thread coordinates: they do not depend on the tile, and hoisted
     // out of the tile loop they would be held (spilled) across it.
     const int row_e = opaque(row_in_tile), t4_e = opaque(t4);
@@ -472,6 +519,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(we.row0 + r) * p.o_row_stride + col) =
             *reinterpret_cast<const uint4*>(sO + QTile::offset(r, col));
     }
+    // The buffer's next Q comes by TMA (the async proxy) over what these threads wrote and read.
+    fence_proxy_async();
+    __syncwarp();
+    mbar_arrive_if(empty_q(qb_e), lane == 0);
   }
   if (c == 0) named_sync(my_turn, kTurnThreads);  // the last hand-over
 #endif
@@ -479,9 +530,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
 // Launches the Hopper forward; returns false, launching nothing, when this build has no sm_90a code
 // or TMA cannot address the tensors (16-byte alignment); the caller then runs the stage-1 kernel.
-template <int D, typename T, bool kIsCausal, bool kSparse>
-bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
-  using Tr = FwdTraits<D, T, D == 64 && !kSparse ? 3 : 2>;
+template <typename Tr, bool kIsCausal, bool kSparse>
+bool launch_fwd_traits(const FlashFwdParams& p, cudaStream_t stream) {
+  constexpr int D = Tr::D;
+  using T = typename Tr::T;
   auto kernel = flash_fwd_sm90_kernel<Tr, kIsCausal, kSparse>;
   static const bool available = has_sm90_code(kernel);
   if (!available) return false;
@@ -512,6 +564,12 @@ bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   const int blocks = static_cast<int>(std::min<int64_t>(num_tiles, p.num_sm));
   kernel<<<blocks, Tr::kThreads, smem, stream>>>(p, maps);
   return true;
+}
+
+// The configuration each case runs: three consumers at head dim 64 dense, else two.
+template <int D, typename T, bool kIsCausal, bool kSparse>
+bool launch_fwd(const FlashFwdParams& p, cudaStream_t stream) {
+  return launch_fwd_traits<FwdTraits<D, T, D == 64 && !kSparse ? 3 : 2>, kIsCausal, kSparse>(p, stream);
 }
 
 }  // namespace sm90

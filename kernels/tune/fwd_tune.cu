@@ -1,6 +1,7 @@
-// Scratch tuning harness for the forward tile shapes (not part of the extension): times several
-// FwdTraits variants of one head dim on bf16 random data with FlashAttention's benchmark shapes
-// (16k tokens, hidden 2048) and checks each against the first variant.
+// Scratch tuning harness for the Hopper forward (not part of the extension): times several
+// sm90::FwdTraits variants of one head dim on bf16 random data with FlashAttention's benchmark shapes
+// (16k tokens, hidden 2048), dense and block-sparse (a seeded random mask of density 1/2), and checks
+// each against the first variant of its case.
 //   nvcc -O3 --use_fast_math -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DHDIM=128 \
 //        -I kernels kernels/tune/fwd_tune.cu -o fwd_tune && ./fwd_tune
 #include <cstdio>
@@ -41,12 +42,13 @@ __global__ void max_diff(const bf16* a, const bf16* b, size_t n, float* out) {
   if (threadIdx.x % 32 == 0) atomicMax(reinterpret_cast<int*>(out), __float_as_int(m));
 }
 
-template <typename Tr>
+template <typename Tr, bool kSparse>
 void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
-  bool causal = p.is_causal;
+  const bool causal = p.is_causal;
   auto go = [&] {
-    if (causal) launch_flash_fwd<Tr, true, false>(p, 0);
-    else launch_flash_fwd<Tr, false, false>(p, 0);
+    const bool ok = causal ? sm90::launch_fwd_traits<Tr, true, kSparse>(p, 0)
+                           : sm90::launch_fwd_traits<Tr, false, kSparse>(p, 0);
+    if (!ok) printf("  %s: not launched\n", name);
   };
   for (int i = 0; i < 3; ++i) go();
   CK(cudaGetLastError());
@@ -54,7 +56,7 @@ void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
-  const int iters = 20;
+  const int iters = 30;
   std::vector<float> ms(iters);
   for (int i = 0; i < iters; ++i) {
     cudaEventRecord(e0);
@@ -64,7 +66,7 @@ void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
     cudaEventElapsedTime(&ms[i], e0, e1);
   }
   std::sort(ms.begin(), ms.end());
-  float med = ms[iters / 2];
+  const float med = ms[iters / 2];
   float* d;
   CK(cudaMalloc(&d, 4));
   CK(cudaMemset(d, 0, 4));
@@ -76,55 +78,77 @@ void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
   float diff = 0.f;
   CK(cudaMemcpy(&diff, d, 4, cudaMemcpyDeviceToHost));
   cudaFree(d);
-  printf("  %-34s %7.3f ms %6.1f TFLOP/s  maxdiff %.2e\n", name, med, flops / med * 1e-9, diff);
+  printf("  %-30s %7.3f ms %6.1f TFLOP/s  maxdiff %.2e\n", name, med, flops / med * 1e-9, diff);
+}
+
+__global__ void fill_mask(uint8_t* m, size_t n, uint32_t seed) {  // keep about half the blocks
+  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+    m[i] = (h >> 7) & 1;
+  }
 }
 
 template <int D>
 void sweep() {
-  for (int causal = 0; causal < 2; ++causal)
-    for (int S : {1024, 4096, 16384}) {
-      const int B = 16384 / S, H = 2048 / D;
-      const size_t n = static_cast<size_t>(B) * S * H * D;
-      bf16 *q, *k, *v, *o;
-      float* lse;
-      CK(cudaMalloc(&q, n * 2));
-      CK(cudaMalloc(&k, n * 2));
-      CK(cudaMalloc(&v, n * 2));
-      CK(cudaMalloc(&o, n * 4));  // second half keeps the first variant's output
-      CK(cudaMalloc(&lse, static_cast<size_t>(B) * H * S * 4));
-      fill<<<1024, 256>>>(q, n, 1);
-      fill<<<1024, 256>>>(k, n, 2);
-      fill<<<1024, 256>>>(v, n, 3);
-      FlashFwdParams p{};
-      p.q = q; p.k = k; p.v = v; p.o = o; p.lse = lse;
-      p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.o_batch_stride = static_cast<int64_t>(S) * H * D;
-      p.q_row_stride = p.k_row_stride = p.v_row_stride = p.o_row_stride = H * D;
-      p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = D;
-      p.lse_batch_stride = static_cast<int64_t>(H) * S;
-      p.lse_head_stride = S;
-      p.batch = B; p.num_heads_q = p.num_heads_k = H; p.head_dim = D;
-      p.seqlen_q = p.seqlen_k = S;
-      p.softmax_scale = 1.f / sqrtf(D);
-      p.softmax_scale_log2 = p.softmax_scale * 1.44269504f;
-      p.is_causal = causal; p.is_bf16 = true;
-      const float flops = 4.f * B * H * static_cast<float>(S) * S * D / (causal ? 2.f : 1.f);
-      printf("D=%d causal=%d S=%d B=%d H=%d\n", D, causal, S, B, H);
-      bf16* ref = o + n;
-      if constexpr (D == 128) {
-        run<FwdTraits<128, 128, 64, 4, false, bf16, 2, 1, false>>("128x64 u2 1-stage eager (sm90 default)", p, nullptr, n,
-                                                                  flops);
-        run<FwdTraits<128, 128, 64, 4, false, bf16, 2, 1, true>>("128x64 u2 1-stage lazy", p, ref, n, flops);
-        run<FwdTraits<128, 128, 64, 4, false, bf16, 4, 1, true>>("128x64 u4 1-stage lazy", p, ref, n, flops);
-        run<FwdTraits<128, 128, 64, 4, false, bf16, 2, 2, true>>("128x64 u2 2-stage lazy", p, ref, n, flops);
-        run<FwdTraits<128, 128, 32, 4, false, bf16>>("128x32 (sm8x default)", p, ref, n, flops);
-      } else {
-        run<FwdTraits<64, 128, 64, 4, true, bf16, 0, 2, false>>("128x64 q-regs 2-stage eager (default)", p, nullptr,
-                                                                n, flops);
-        run<FwdTraits<64, 128, 64, 4, true, bf16, 0, 2, true>>("128x64 q-regs 2-stage lazy", p, ref, n, flops);
-        run<FwdTraits<64, 256, 64, 8, true, bf16, 0, 2, true>>("256x64 w8 q-regs 2-stage lazy", p, ref, n, flops);
+  int num_sm = 0;
+  CK(cudaDeviceGetAttribute(&num_sm, cudaDevAttrMultiProcessorCount, 0));
+  int* counter;
+  CK(cudaMalloc(&counter, 4));
+  for (int sparse = 0; sparse < 2; ++sparse)
+    for (int causal = 0; causal < 2; ++causal)
+      for (int S : {2048, 4096, 16384}) {
+        if (sparse && (causal || S != 16384)) continue;
+        const int B = 16384 / S, H = 2048 / D;
+        const size_t n = static_cast<size_t>(B) * S * H * D;
+        const int nb = S / 128;
+        bf16 *q, *k, *v, *o;
+        float* lse;
+        uint8_t* mask;
+        CK(cudaMalloc(&q, n * 2));
+        CK(cudaMalloc(&k, n * 2));
+        CK(cudaMalloc(&v, n * 2));
+        CK(cudaMalloc(&o, n * 4));  // second half keeps the first variant's output
+        CK(cudaMalloc(&lse, static_cast<size_t>(B) * H * S * 4));
+        CK(cudaMalloc(&mask, static_cast<size_t>(B) * H * nb * nb));
+        fill<<<1024, 256>>>(q, n, 1);
+        fill<<<1024, 256>>>(k, n, 2);
+        fill<<<1024, 256>>>(v, n, 3);
+        fill_mask<<<1024, 256>>>(mask, static_cast<size_t>(B) * H * nb * nb, 4);
+        FlashFwdParams p{};
+        p.q = q; p.k = k; p.v = v; p.o = o; p.lse = lse;
+        p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.o_batch_stride = static_cast<int64_t>(S) * H * D;
+        p.q_row_stride = p.k_row_stride = p.v_row_stride = p.o_row_stride = H * D;
+        p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = D;
+        p.lse_batch_stride = static_cast<int64_t>(H) * S;
+        p.lse_head_stride = S;
+        p.batch = B; p.num_heads_q = p.num_heads_k = H; p.head_dim = D;
+        p.seqlen_q = p.seqlen_k = S;
+        p.rows_q = p.rows_k = S;
+        p.softmax_scale = 1.f / sqrtf(D);
+        p.softmax_scale_log2 = p.softmax_scale * 1.44269504f;
+        p.is_causal = causal; p.is_bf16 = true;
+        p.num_sm = num_sm; p.tile_counter = counter;
+        if (sparse) {
+          p.block_mask = mask;
+          p.block_mask_cols = nb;
+          p.block_mask_head_stride = static_cast<int64_t>(nb) * nb;
+          p.block_mask_batch_stride = static_cast<int64_t>(H) * nb * nb;
+        }
+        const float flops = 4.f * B * H * static_cast<float>(S) * S * D / (causal ? 2.f : 1.f) / (sparse ? 2.f : 1.f);
+        printf("D=%d causal=%d sparse=%d S=%d B=%d H=%d\n", D, causal, sparse, S, B, H);
+        bf16* ref = o + n;
+        if (sparse) {
+          run<sm90::FwdTraits<D, bf16, 2>, true>("2 consumers (sparse default)", p, nullptr, n, flops);
+        } else if constexpr (D == 64) {
+          run<sm90::FwdTraits<64, bf16, 3>, false>("3 consumers (default)", p, nullptr, n, flops);
+          run<sm90::FwdTraits<64, bf16, 2>, false>("2 consumers", p, ref, n, flops);
+        } else {
+          run<sm90::FwdTraits<128, bf16, 2>, false>("2 consumers (default)", p, nullptr, n, flops);
+        }
+        cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse); cudaFree(mask);
       }
-      cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse);
-    }
+  cudaFree(counter);
 }
 
 int main() {
