@@ -355,14 +355,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           const int i = 8 * kk + 2 * r;  // accumulator index of that pair
           ds_a[kk][r] = pack_float2<T>(pv.x * (acc_dp[i] - dsum.x), pv.y * (acc_dp[i + 1] - dsum.y));
         }
-      // dK += dS^T Q (B = Q, MN-major).
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kMSteps; ++kk)
-        WgKV::template rs<1>(acc_dk, ds_a[kk], smem_desc(sQ + kk * 16 * 128, QTile::kBlockBytes, 1024));
-      wgmma_commit();
       if constexpr (kDq) {
-        // dS^T to shared memory for the dQ warpgroup (once it has read this buffer's tile it - 2):
+        // dS^T to shared memory for the dQ warpgroup (once it has read this buffer's tile it - 2),
+        // before the dK GEMM takes ds_a as its A operand (registers a wgmma in flight reads must not be
+        // accessed until it is waited for):
         // element (key, query) at DSTile (row key, column query), one stmatrix per k16 step: its four
         // 8 x 8 matrices are ds_a[kk][0..3] (keys +0 / +8, queries +0 / +8), and lane l gives the
         // address of row l % 8 of matrix l / 8 (16 bytes: one swizzled chunk).
@@ -376,6 +372,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         __syncwarp();
         mbar_arrive_if(ds_full(stage), lane == 0);
       }
+      // dK += dS^T Q (B = Q, MN-major).
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kMSteps; ++kk)
+        WgKV::template rs<1>(acc_dk, ds_a[kk], smem_desc(sQ + kk * 16 * 128, QTile::kBlockBytes, 1024));
+      wgmma_commit();
       wgmma_wait<0>();  // dV, dK: this warpgroup is done with the stage
       fence_operand(acc_dv);
       fence_operand(acc_dk);
