@@ -262,6 +262,32 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     wgmma_commit();
   };
 
+  // The epilogue's second half, for the last tile (pending_t, -1 for none; its Q buffer pending_qb),
+  // under the next tile's first S: O from the staging (its Q buffer; the next tile's Q is in the
+  // other) to global memory in 16-byte stores, then the buffer back to the producer. Branch-free; an
+  // invalid tile writes nothing.
+  int pending_t = -1, pending_qb = 0;
+  auto store_o = [&](int t_e, int qb_e, bool valid) {
+    const TileInfo we = tile_info(opaque(valid ? t_e : 0));
+    const SeqInfo& s = we.s;
+    T* o_ptr = static_cast<T*>(p.o) + s.tok(we.b, s.q_start, p.o_batch_stride, p.o_row_stride, we.h, p.o_head_stride);
+    const T* const sO = reinterpret_cast<const T*>(smem + qb_e * QTile::kBytes);
+    named_sync(1 + kConsumers + c, 128);  // this warpgroup's rows are staged
+    constexpr int kChunks = D / 8;        // 16-byte chunks per row
+#pragma unroll
+    for (int it = 0; it < 64 * kChunks / 128; ++it) {
+      const int idx = it * 128 + opaque(tid % 128);
+      const int r = 64 * c + idx / kChunks, col = 8 * (idx % kChunks);
+      if (valid && we.row0 + r < s.seqlen_q)
+        *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(we.row0 + r) * p.o_row_stride + col) =
+            *reinterpret_cast<const uint4*>(sO + QTile::offset(r, col));
+    }
+    // The buffer's next Q comes by TMA (the async proxy) over what these threads wrote and read.
+    fence_proxy_async();
+    __syncwarp();
+    mbar_arrive_if(empty_q(qb_e), lane == 0 && valid);
+  };
+
   int q_loads = 0, visits = 0;
   for (int j = 0;; ++j) {
     const int slot = j % 2;
@@ -387,25 +413,30 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         mbar_arrive_if(empty_v(st), lane == 0);
       }
     }
-    if (n_visits > 0 && first == n_visits) {  // nothing to see: the last P V turn empty too
-      named_sync(my_turn, kTurnThreads);
-      named_arrive(next_turn, kTurnThreads);
-      visits += n_visits;
-    } else if (n_visits > 0) {
+    if (n_visits == 0 || first == n_visits) {  // nothing to see (warp-uniform)
+      store_o(pending_t, pending_qb, pending_t >= 0);
+      if (n_visits > 0) {  // the last P V turn empty too
+        named_sync(my_turn, kTurnThreads);
+        named_arrive(next_turn, kTurnThreads);
+        visits += n_visits;
+      }
+    } else {
       float corr[2];
-      {  // the first visit: S only
-        const int v = visits + first, st = v % kStages;
-        float acc_s[WgS::kRegs];
-        mbar_wait(full_k(st), (v / kStages) & 1);
+      {  // the first visit: its S is in flight while the last tile's O goes out (store_o reads only
+         // the other Q buffer)
+        const int v_first = visits + first, st_first = v_first % kStages;
+        float acc_s0[WgS::kRegs];
+        mbar_wait(full_k(st_first), (v_first / kStages) & 1);
         named_sync(my_turn, kTurnThreads);
         wgmma_fence();
-        issue_s(acc_s, sQ, st);
+        issue_s(acc_s0, sQ, st_first);
         named_arrive(next_turn, kTurnThreads);
+        store_o(pending_t, pending_qb, pending_t >= 0);
         wgmma_wait<0>();
-        fence_operand(acc_s);
-        mbar_arrive_if(empty_k(st), lane == 0);
-        softmax(acc_s, key_tile(w, slot, first), corr, std::true_type{});
-        pack_p(acc_s, p_a[0]);  // O is still 0: no correction
+        fence_operand(acc_s0);
+        mbar_arrive_if(empty_k(st_first), lane == 0);
+        softmax(acc_s0, key_tile(w, slot, first), corr, std::true_type{});
+        pack_p(acc_s0, p_a[0]);  // O is still 0: no correction
       }
       // Visit i > first (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
       // P(i-1) V(i-1) (set kSet ^ 1), the softmax of S(i) runs while P V does, P(i) goes to set kSet
@@ -482,11 +513,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // Done with the slot (the tile's mask list): the producer may stage the tile after next there.
     mbar_arrive_if(tile_empty(slot), lane == 0);
 
-    // Epilogue: normalise, write LSE, stage O through this consumer's Q rows of the tile's Q buffer (no
-    // other warpgroup reads them) for 16-byte stores, then hand the buffer back to the producer.
+    // Epilogue, first half: normalise, write LSE, stage O in this consumer's Q rows of the tile's Q buffer
+    // (no other warpgroup reads them); store_o writes it out under the next tile's first S.
     const TileInfo we = tile_info(opaque(t));
     const SeqInfo& s = we.s;
-    T* o_ptr = static_cast<T*>(p.o) + s.tok(we.b, s.q_start, p.o_batch_stride, p.o_row_stride, we.h, p.o_head_stride);
     float* lse_ptr = p.lse + we.b * p.lse_batch_stride + we.h * p.lse_head_stride + s.q_start;
     const int qb_e = (q_loads - 1) % 2;
     T* const sO = reinterpret_cast<T*>(smem + qb_e * QTile::kBytes);
@@ -509,21 +539,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             pack_float2<T>(acc_o[4 * jj + 2 * hh] * inv, acc_o[4 * jj + 2 * hh + 1] * inv);
       }
     }
-    named_sync(1 + kConsumers + c, 128);  // this warpgroup's rows are staged
-    constexpr int kChunks = D / 8;        // 16-byte chunks per row
-#pragma unroll
-    for (int it = 0; it < 64 * kChunks / 128; ++it) {
-      const int idx = it * 128 + opaque(tid % 128);
-      const int r = 64 * c + idx / kChunks, col = 8 * (idx % kChunks);
-      if (we.row0 + r < s.seqlen_q)
-        *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(we.row0 + r) * p.o_row_stride + col) =
-            *reinterpret_cast<const uint4*>(sO + QTile::offset(r, col));
-    }
-    // The buffer's next Q comes by TMA (the async proxy) over what these threads wrote and read.
-    fence_proxy_async();
-    __syncwarp();
-    mbar_arrive_if(empty_q(qb_e), lane == 0);
+    pending_t = t;
+    pending_qb = qb_e;
   }
+  store_o(pending_t, pending_qb, pending_t >= 0);  // the last tile's
   if (c == 0) named_sync(my_turn, kTurnThreads);  // the last hand-over
 #endif
 }
