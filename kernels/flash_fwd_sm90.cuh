@@ -107,8 +107,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // L2. The grid is persistent (one block per SM); block x starts with tile x and then takes the next
   // unclaimed one from a global counter (p.tile_counter), so that blocks that finish early take more
   // (a dynamic schedule keeps the launch order's L2 window, a static one loses it for causal). The
-  // producer claims the next tile while the current one's last K / V tiles load, and loads its Q and
-  // K / V during the current tile's last GEMMs and epilogue.
+  // producer claims the next tile at the top of its iteration for the current one (the atomic's round
+  // trip hides behind the current tile's loads), and loads its Q and K / V as soon as it has issued
+  // the current tile's.
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
   const int num_tiles = num_m * p.num_heads_q * p.batch;
   struct TileInfo {

@@ -106,6 +106,19 @@ def test_head_dims_and_per_head_masks(head_dim, dtype):
     check(q, k, v, mask, causal=True, name=f"D{head_dim} causal")
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_many_tiles_per_block(head_dim):
+    """240 tiles: more than multiprocessors, so that the persistent forward runs several in a row per
+    block (the cases above run one), each with its own mask row staged in the tile slots."""
+    sq = sk = 1800
+    q, k, v = make_qkv(2, sq, sk, 8, 4, head_dim, torch.bfloat16, seed=21)
+    nb = -(-sq // 128)
+    mask = torch.stack([random_blocks(sq, sk, 0.5, seed=50 + i, device="cuda")[0, 0] for i in range(16)])
+    mask = mask.view(2, 8, nb, nb)
+    check(q, k, v, mask, causal=False, name=f"D{head_dim} many tiles")
+    check(q, k, v, mask, causal=True, name=f"D{head_dim} many tiles causal")
+
+
 def test_empty_and_full_masks():
     q, k, v = make_qkv(1, 513, 513, 2, 2, 64, torch.float16, seed=3)
     nb = -(-513 // 128)

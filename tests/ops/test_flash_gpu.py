@@ -97,11 +97,24 @@ def test_one_by_one_problem(head_dim, causal):
     check_forward(1, 1, 1, 1, 1, head_dim, torch.bfloat16, causal, seed=5)
 
 
+# The Hopper forward runs a persistent grid (a block per multiprocessor) that hands a block several
+# tiles in a row only when there are more tiles than multiprocessors; the cases above have fewer (one tile
+# per block). These have 256-1024 tiles: tiles with rows but no visible keys (Sq > Sk, causal), tiles
+# whose last consumer's rows lie past the end, both Q buffers, the epilogue of one tile under the next.
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "seqlens, heads", [((1500, 1500), (8, 8)), ((2048, 1000), (16, 4))], ids=["square", "sq_gt_sk_gqa"]
+)
+def test_many_tiles_per_block(head_dim, causal, seqlens, heads):
+    check_forward(4, seqlens[0], seqlens[1], heads[0], heads[1], head_dim, torch.bfloat16, causal, seed=11)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_forward_is_bitwise_repeatable(head_dim, causal):
-    # Many more tiles than multiprocessors, so that the persistent schedule hands different tiles to
-    # different blocks from call to call; the output must not depend on which block ran a tile.
+    # Many more tiles than multiprocessors: which block runs which tile changes from call to call (the
+    # blocks claim tiles from a counter); the output must not depend on it.
     q, k, v = make_qkv(4, 1500, 1500, 8, 8, head_dim, torch.bfloat16, seed=11)
     first = flash.flash_attention(q, k, v, causal=causal, return_lse=True)
     for _ in range(3):
@@ -112,9 +125,21 @@ def test_forward_is_bitwise_repeatable(head_dim, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_varlen(head_dim, causal):
-    batch, heads_q, heads_k, dtype = 5, 4, 2, torch.float16
-    cu_q, max_q = random_cu_seqlens(batch, 300, seed=head_dim)
-    cu_k, max_k = random_cu_seqlens(batch, 300, seed=head_dim + 1)
+    check_varlen(5, 300, 4, 2, head_dim, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_varlen_many_tiles_per_block(head_dim, causal):
+    # 40 sequences x 8 heads: several tiles per persistent block, padding tiles of the shorter
+    # sequences between them.
+    check_varlen(40, 400, 8, 4, head_dim, causal)
+
+
+def check_varlen(batch, max_len, heads_q, heads_k, head_dim, causal):
+    dtype = torch.float16
+    cu_q, max_q = random_cu_seqlens(batch, max_len, seed=head_dim)
+    cu_k, max_k = random_cu_seqlens(batch, max_len, seed=head_dim + 1)
     total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
     q, k, v = make_qkv(1, total_q, total_k, heads_q, heads_k, head_dim, dtype, seed=head_dim)
     q, k, v = q[0], k[0], v[0]
