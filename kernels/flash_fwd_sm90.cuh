@@ -519,8 +519,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     const TileInfo we = tile_info(opaque(t));
     const SeqInfo& s = we.s;
     float* lse_ptr = p.lse + we.b * p.lse_batch_stride + we.h * p.lse_head_stride + s.q_start;
-    const int qb_e = (q_loads - 1) % 2;
-    T* const sO = reinterpret_cast<T*>(smem + qb_e * QTile::kBytes);
+    T* const sO = reinterpret_cast<T*>(smem + qb * QTile::kBytes);
     named_sync(1 + kConsumers + c, 128);  // this warpgroup's S GEMMs are done with its Q rows
     // The staging addresses from opaque thread coordinates: they do not depend on the tile, and hoisted
     // out of the tile loop they would be held (spilled) across it.
@@ -541,7 +540,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
     }
     pending_t = t;
-    pending_qb = qb_e;
+    pending_qb = qb;
   }
   store_o(pending_t, pending_qb, pending_t >= 0);  // the last tile's
   if (c == 0) named_sync(my_turn, kTurnThreads);  // the last hand-over
