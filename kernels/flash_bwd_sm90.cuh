@@ -38,6 +38,7 @@
 
 #include <type_traits>
 
+#include "tile_order.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -78,6 +79,9 @@ struct BwdTraits {
   // Three warpgroups: two "math" warpgroups (keys 64g.., the S^T / dP^T / dV / dK GEMMs and the
   // elementwise work) and one dQ warpgroup (the dQ GEMM, its reduction into dq_accum, the loads).
   static constexpr int kBlockN = 128, kBlockM = bwd::kSm90BlockM<D>, kThreads = 384;
+  // Causal block order (tile_order.cuh): the Q, dO (16-bit) and dq_accum (fp32) bytes of the (head,
+  // batch) pairs whose key blocks are ordered by length together.
+  static constexpr int64_t kWindowBytes = int64_t{32} << 20;
   // setmaxnreg: the block starts with 168 registers per thread (384 threads); 2 x 216 + 72 = 504 =
   // 3 x 168 (more than the block holds makes setmaxnreg.inc wait forever).
   static constexpr int kMathRegs = 216, kDqRegs = 72;
@@ -128,7 +132,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const uint32_t sdS0 = base + Tr::kOffdS, bars = base + Tr::kOffBar;
   const uint32_t sStats = base + Tr::kOffStats;  // [2 stages][lse2, rowsum(dO O)][kBlockM]
 
-  const int n_block = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
+  // Causal key blocks differ in length (key block n sees the query tiles from about n on): the blocks
+  // are launched in windows of (head, batch) pairs whose Q, dO and dQ fit a share of L2, by length
+  // within a window (tile_order.cuh); the hardware starts blocks in index order.
+  int n_block = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
+  if constexpr (kIsCausal) {
+    const int num_pairs = gridDim.y * gridDim.z;
+    const int window = tile_window(int64_t{8} * D * p.seqlen_q, num_pairs, Tr::kWindowBytes);
+    const WindowedTile wt =
+        windowed_tile(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z), gridDim.x, num_pairs, window);
+    n_block = wt.idx;
+    b = wt.pair % gridDim.y;
+    h = wt.pair / gridDim.y;
+  }
   const int tid = threadIdx.x;
   const SeqInfo s(p, b);
   const int col0 = n_block * kBlockN;

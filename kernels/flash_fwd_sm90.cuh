@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "seq_info.cuh"
+#include "tile_order.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -48,6 +49,10 @@ struct FwdTraits {
   static constexpr int kBlockM = 64 * kConsumers, kBlockN = 128;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kStages = D == 64 ? 4 : 2;  // K / V ring depth
+  // Causal tile order (tile_order.cuh): the K / V bytes of the (head, batch) pairs whose tiles are
+  // ordered by length together. Of 16 / 32 / 48 / 64 / 128 MB (of the 50 MB L2), 32 measured best over
+  // head dims 64 and 128 at 2k-16k (kernels/NOTES_sm90.md).
+  static constexpr int64_t kWindowBytes = int64_t{32} << 20;
   // setmaxnreg: 40 + 2 x 232 = 504 = 3 x 168, the launch allocation of 384 threads (the producer's
   // tile loop spills at 24; 56 + 2 x 224 at head dim 64, block-sparse, whose producer warp also stages
   // the mask rows); with three consumers 32 + 3 x 160 = 512 = 4 x 128.
@@ -79,7 +84,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   using T = typename Tr::T;
   using QTile = typename Tr::QTile;
   using KTile = typename Tr::KTile;
-  constexpr int D = Tr::D, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kThreads = Tr::kThreads;
+  constexpr int D = Tr::D, kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN;
   constexpr int kStages = Tr::kStages, kConsumers = Tr::kConsumers;
   constexpr int kDSteps = D / 16, kNSteps = kBlockN / 16;
   constexpr int kTurnThreads = 2 * 128;  // a turn barrier: the waiting warpgroup + the one handing over
@@ -102,23 +107,35 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   int* const tile_slot = reinterpret_cast<int*>(smem + Tr::kOffSlots);
   const int tid = threadIdx.x;
 
-  // Work comes in tiles t = (query tile, head, batch), ordered as a grid would launch them: a head's
-  // query tiles consecutive, heaviest (causal) first, so that the tiles running at once share K / V in
-  // L2. The grid is persistent (one block per SM); block x starts with tile x and then takes the next
+  // Work comes in tiles t = (query tile, head, batch): a head's query tiles consecutive, so that the
+  // tiles running at once share K / V in L2 (causal: longest first within windows of heads, below). The
+  // grid is persistent (one block per SM); block x starts with tile x and then takes the next
   // unclaimed one from a global counter (p.tile_counter), so that blocks that finish early take more
   // (a dynamic schedule keeps the launch order's L2 window, a static one loses it for causal). The
   // producer claims the next tile at the top of its iteration for the current one (the atomic's round
   // trip hides behind the current tile's loads), and loads its Q and K / V as soon as it has issued
   // the current tile's.
+  // Causal tiles differ in length: they come in windows of (head, batch) pairs whose K / V fit a share
+  // of L2, and by length within a window (tile_order.cuh).
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  const int num_tiles = num_m * p.num_heads_q * p.batch;
+  const int num_hb = p.num_heads_q * p.batch;
+  const int num_tiles = num_m * num_hb;
+  const int window = tile_window(int64_t{4} * D * p.seqlen_k, num_hb, Tr::kWindowBytes);
   struct TileInfo {
     SeqInfo s;
     int m_block, h, b, row0, n_block_max;  // n_block_max: key tiles up to the last visible one
   };
   auto tile_info = [&](int t) {
-    const int m_idx = t % num_m, rest = t / num_m;
-    const int h = rest % p.num_heads_q, b = rest / p.num_heads_q;
+    int m_idx, hb;  // hb = b * num_heads_q + h
+    if constexpr (kIsCausal) {
+      const WindowedTile wt = windowed_tile(t, num_m, num_hb, window);
+      m_idx = wt.idx;
+      hb = wt.pair;
+    } else {
+      m_idx = t % num_m;
+      hb = t / num_m;
+    }
+    const int h = hb % p.num_heads_q, b = hb / p.num_heads_q;
     TileInfo w{SeqInfo(p, b), num_m - 1 - m_idx, h, b, 0, 0};
     w.row0 = w.m_block * kBlockM;
     const int diag = w.s.seqlen_k - w.s.seqlen_q;  // query i sees keys j <= i + diag (causal)

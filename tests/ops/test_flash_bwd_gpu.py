@@ -121,6 +121,14 @@ def test_backward_grouped_query(head_dim, causal, heads):
     run_case(2, 300, 257, heads[0], heads[1], head_dim, torch.bfloat16, causal, seed=11)
 
 
+@pytest.mark.parametrize("head_dim, batch, heads", [(64, 3, 12), (128, 2, 9)])
+def test_backward_causal_block_windows(head_dim, batch, heads):
+    # The Hopper backward launches causal key blocks in windows of (head, batch) pairs whose Q, dO and
+    # dq_accum fit 32 MB of L2 (kernels/tile_order.cuh), longest first within a window: for 2k queries
+    # 32 pairs at head dim 64, 16 at 128. 36 and 18 pairs: two windows, the second one partial.
+    run_case(batch, 2048, 2048, heads, heads, head_dim, torch.bfloat16, True, seed=17)
+
+
 def test_backward_padded_head_dim_and_scale():
     q, k, v = make_qkv(1, 200, 333, 2, 2, 48, torch.float16, seed=5)
     dout = torch.randn_like(q) + 0.5

@@ -110,6 +110,14 @@ def test_many_tiles_per_block(head_dim, causal, seqlens, heads):
     check_forward(4, seqlens[0], seqlens[1], heads[0], heads[1], head_dim, torch.bfloat16, causal, seed=11)
 
 
+@pytest.mark.parametrize("head_dim, batch, heads", [(64, 5, 14), (128, 3, 12)])
+def test_causal_tile_windows(head_dim, batch, heads):
+    # The Hopper forward takes causal tiles in windows of (head, batch) pairs whose K / V fit 32 MB of L2
+    # (kernels/tile_order.cuh), longest first within a window: for 2k keys 64 pairs at head dim 64, 32 at
+    # 128. 70 and 36 pairs: two windows, the second one partial.
+    check_forward(batch, 2048, 2048, heads, heads, head_dim, torch.bfloat16, True, seed=13)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_forward_is_bitwise_repeatable(head_dim, causal):
