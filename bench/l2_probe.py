@@ -71,12 +71,10 @@ def host_us(fn, calls: int = 20) -> float:
     return 1e6 * sorted(times)[calls // 2]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096, 16384])
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+def probe_cases(head_dims: list[int], seqlens: list[int], with_raw: bool = False):
+    """(head_dim, causal, seqlen, impl name, call) for each case and implementation, on fresh
+    FlashAttention-shaped inputs (16k tokens, hidden 2048, bf16): longctx, (with_raw) its C++ operator
+    without the Python custom op around it, and SDPA's cuDNN backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from longctx.ops import flash
@@ -87,53 +85,66 @@ def main() -> int:
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
             )
 
-    def raw(q, k, v, causal):  # the C++ operator alone, without the Python custom op around it
+    def raw(q, k, v, causal):
         stream = torch.cuda.current_stream().cuda_stream
         scale = q.shape[-1] ** -0.5
         args = (None, None, q.shape[1], k.shape[1], 0.0, scale, causal, None, False, None, stream)
         return torch.ops.longctx_C.fwd(q, k, v, *args)[0]
 
-    impls = {
-        "longctx": lambda q, k, v, c: flash.flash_attention(q, k, v, causal=c),
-        "longctx_C": raw,
-        "sdpa_cudnn": cudnn,
-    }
-    rows = []
-    header = ("impl", "D", "causal", "seqlen", "do_bench", "b2b", "hidden", "host us")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (10, 4, 6, 6, 8, 6, 6, 7))))
-    for head_dim in args.head_dims:
+    impls = {"longctx": lambda q, k, v, c: flash.flash_attention(q, k, v, causal=c)}
+    if with_raw:
+        impls["longctx_C"] = raw
+    impls["sdpa_cudnn"] = cudnn
+    for head_dim in head_dims:
         for causal in (False, True):
-            for seqlen in args.seqlens:
+            for seqlen in seqlens:
                 batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
                 q, k, v = (
                     torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
                     for _ in range(3)
                 )
                 for name, impl in impls.items():
-                    with torch.no_grad():
-                        fn = functools.partial(impl, q, k, v, causal)
-                        cold, warm = bench_ms(fn), back_to_back_ms(fn)
-                        hidden, host = hidden_launch_ms(fn), host_us(fn)
-                    row = dict(
-                        impl=name,
-                        head_dim=head_dim,
-                        causal=causal,
-                        seqlen=seqlen,
-                        do_bench_ms=cold,
-                        back_to_back_ms=warm,
-                        hidden_launch_ms=hidden,
-                        host_us=host,
-                    )
-                    rows.append(row)
-                    print(
-                        f"{name:>10} {head_dim:>4} {causal!s:>6} {seqlen:>6} {cold:>8.3f} {warm:>6.3f} "
-                        f"{hidden:>6.3f} {host:>7.0f}"
-                    )
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "l2_probe.json").write_text(
+                    yield head_dim, causal, seqlen, name, functools.partial(impl, q, k, v, causal)
+
+
+def write_rows(out: Path | None, file_name: str, rows: list[dict]) -> None:
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / file_name).write_text(
             json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1)
         )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 4096, 16384])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    header = ("impl", "D", "causal", "seqlen", "do_bench", "b2b", "hidden", "host us")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (10, 4, 6, 6, 8, 6, 6, 7))))
+    for head_dim, causal, seqlen, name, fn in probe_cases(args.head_dims, args.seqlens, with_raw=True):
+        with torch.no_grad():
+            cold, warm = bench_ms(fn), back_to_back_ms(fn)
+            hidden, host = hidden_launch_ms(fn), host_us(fn)
+        rows.append(
+            dict(
+                impl=name,
+                head_dim=head_dim,
+                causal=causal,
+                seqlen=seqlen,
+                do_bench_ms=cold,
+                back_to_back_ms=warm,
+                hidden_launch_ms=hidden,
+                host_us=host,
+            )
+        )
+        print(
+            f"{name:>10} {head_dim:>4} {causal!s:>6} {seqlen:>6} {cold:>8.3f} {warm:>6.3f} "
+            f"{hidden:>6.3f} {host:>7.0f}"
+        )
+    write_rows(args.out, "l2_probe.json", rows)
     return 0
 
 

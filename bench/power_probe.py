@@ -9,16 +9,17 @@ Shows whether two kernels that run at different speeds also run at different clo
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from l2_probe import probe_cases, write_rows  # noqa: E402
 
 
 def sampled(run, seconds: float) -> dict:
@@ -62,52 +63,22 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from longctx.ops import flash
-
-    def cudnn(q, k, v, causal):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
-            )
-
-    impls = {"longctx": lambda q, k, v, c: flash.flash_attention(q, k, v, causal=c), "sdpa_cudnn": cudnn}
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     rows = []
     header = ("impl", "D", "causal", "seqlen", "pattern", "ms/call", "MHz", "W")
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, (10, 4, 6, 6, 12, 8, 6, 5))))
-    for head_dim in args.head_dims:
-        for causal in (False, True):
-            for seqlen in args.seqlens:
-                batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
-                q, k, v = (
-                    torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-                    for _ in range(3)
-                )
-                for name, impl in impls.items():
-                    with torch.no_grad():
-                        call = functools.partial(impl, q, k, v, causal)
-                        patterns = {"flush+call": lambda c=call: (flush.zero_(), c()), "back-to-back": call}
-                        for pattern, run in patterns.items():
-                            row = dict(
-                                impl=name,
-                                head_dim=head_dim,
-                                causal=causal,
-                                seqlen=seqlen,
-                                pattern=pattern,
-                                **sampled(run, args.seconds),
-                            )
-                            rows.append(row)
-                            print(
-                                f"{name:>10} {head_dim:>4} {causal!s:>6} {seqlen:>6} {pattern:>12} "
-                                f"{row['ms_per_call']:>8.3f} {row['sm_mhz']:>6.0f} {row['watts']:>5.0f}"
-                            )
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "power_probe.json").write_text(
-            json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1)
-        )
+    for head_dim, causal, seqlen, name, call in probe_cases(args.head_dims, args.seqlens):
+        patterns = {"flush+call": lambda c=call: (flush.zero_(), c()), "back-to-back": call}
+        for pattern, run in patterns.items():
+            with torch.no_grad():
+                row = dict(impl=name, head_dim=head_dim, causal=causal, seqlen=seqlen, pattern=pattern)
+                row.update(sampled(run, args.seconds))
+            rows.append(row)
+            print(
+                f"{name:>10} {head_dim:>4} {causal!s:>6} {seqlen:>6} {pattern:>12} "
+                f"{row['ms_per_call']:>8.3f} {row['sm_mhz']:>6.0f} {row['watts']:>5.0f}"
+            )
+    write_rows(args.out, "power_probe.json", rows)
     return 0
 
 
