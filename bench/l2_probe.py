@@ -24,39 +24,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import bench_ms  # noqa: E402
 
 
-def back_to_back_ms(fn, calls: int = 50) -> float:
-    """Median of `calls` back-to-back calls, each between two CUDA events (no cache flush)."""
-    for _ in range(10):
+def _median_event_ms(fn, before, warmup: int, calls: int) -> float:
+    """Median time of `calls` calls of fn, each between two CUDA events, with before() enqueued ahead of
+    each call's start event (untimed)."""
+    for _ in range(warmup):
         fn()
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)
     ]
     for start, end in events:
+        before()
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(end) for start, end in events)
-    return times[calls // 2]
+    return sorted(start.elapsed_time(end) for start, end in events)[calls // 2]
+
+
+def back_to_back_ms(fn, calls: int = 50) -> float:
+    """Median of `calls` back-to-back calls, each between two CUDA events (no cache flush)."""
+    return _median_event_ms(fn, lambda: None, warmup=10, calls=calls)
 
 
 def hidden_launch_ms(fn, calls: int = 50) -> float:
     """Like do_bench (a 256 MB cache flush before every call), but the GPU also sleeps ~1 ms before
     each call's start event, so that the host's time to launch the call cannot show in its timing."""
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    for _ in range(5):
-        fn()
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)
-    ]
-    for start, end in events:
+
+    def flush_and_sleep():
         flush.zero_()
         torch.cuda._sleep(2_000_000)
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return sorted(start.elapsed_time(end) for start, end in events)[calls // 2]
+
+    return _median_event_ms(fn, flush_and_sleep, warmup=5, calls=calls)
 
 
 def host_us(fn, calls: int = 20) -> float:
