@@ -32,6 +32,10 @@
 
 namespace longctx {
 
+// Lazy rescale (both kernels): the gap, in log2 units, by which a tile's max must exceed a row's
+// reference max before the reference moves; P = exp2(S * scale - reference) stays <= 2^8.
+constexpr float kRescaleGapLog2 = 8.f;
+
 // kQKUnroll: unroll factor of the k16 loop of S = Q K^T when Q is read from shared memory (0: full).
 // A partial unroll stops the compiler from hoisting every step's fragments, which spills at D=128.
 // kKVStages: 1 = one K and one V buffer that alternate (V streams in during Q K^T, the next K
@@ -260,7 +264,6 @@ __device__ __forceinline__ void flash_fwd_block(const FlashFwdParams& p) {
       row_sum[s][hh] = 0.f;
     }
   const float scale_log2 = p.softmax_scale_log2;
-  constexpr float kRescaleGapLog2 = 8.f;
 
   // One key tile: S = Q K^T, mask (kMask), online softmax, dropout, O += P V. The masked tiles
   // (sequence end, causal diagonal) are the highest ones; they run in a loop of their own so the

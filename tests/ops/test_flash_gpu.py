@@ -42,6 +42,12 @@ FWD_FACTOR = 2.0
 
 def check_forward(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype, causal, seed=0, scale=None):
     q, k, v = make_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, dtype, seed)
+    compare_forward(q, k, v, causal, scale)
+
+
+def compare_forward(q, k, v, causal, scale=None):
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    dtype = q.dtype
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     out, lse = flash.flash_attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=True)
     ref, ref_lse = attention_fp32(q, k, v, causal=causal, softmax_scale=scale)
@@ -116,6 +122,23 @@ def test_causal_tile_windows(head_dim, batch, heads):
     # (kernels/tile_order.cuh), longest first within a window: for 2k keys 64 pairs at head dim 64, 32 at
     # 128. 70 and 36 pairs: two windows, the second one partial.
     check_forward(batch, 2048, 2048, heads, heads, head_dim, torch.bfloat16, True, seed=13)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_scores_that_jump_between_key_tiles(head_dim, dtype, causal):
+    # Each 128-key tile of each head gets its own key scale (log-uniform over 0.25-16), so tile maxima
+    # differ by anything from nothing to ~60 log2 units, in random order along the kernels' walk: the
+    # lazy rescale's reference moves on some tiles and stays (P up to 2^8) on others.
+    batch, seqlen, heads = 2, 1400, 3
+    q, k, v = make_qkv(batch, seqlen, seqlen, heads, heads, head_dim, dtype, seed=7)
+    gen = torch.Generator().manual_seed(11)
+    n_tiles = math.ceil(seqlen / 128)
+    tile_scale = torch.exp(torch.empty(batch, n_tiles, heads).uniform_(math.log(0.25), math.log(16.0), generator=gen))
+    key_scale = tile_scale.repeat_interleave(128, dim=1)[:, :seqlen, :, None]
+    k = (k.float() * key_scale.to(k.device)).to(dtype)
+    compare_forward(q, k, v, causal)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
