@@ -230,10 +230,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // dS K in two 64 x 64 parts (query rows 64p.. at 128 queries, else columns 64p..), each staged in
     // shared memory in DqTiles order and added to dq_accum by the copy engine (one bulk reduce-add per
     // warp and part; rows past the sequence's end land in its own padding tile, which the conversion
-    // skips). Warp 0 then loads tile it + 2 into the stage both math warpgroups have released.
+    // skips). Warp 0 loads tile it + 2 into the stage both math warpgroups have released (load_ahead).
     regs_dec<Tr::kDqRegs>();
     for (int it = 0; it < n_visits; ++it) {
       const int stage = it & 1;
+      // Warp 0: tile it + 2 into the stage once both math warpgroups are done with tile it (whole warps
+      // wait: this warpgroup issues wgmmas). With dQ, right behind the last dQ GEMM of tile it, ahead
+      // of its shared-memory stores and their fence.
+      auto load_ahead = [&] {
+        if (warp == 0 && it + 2 < n_visits) {
+          mbar_wait(empty(stage), (it >> 1) & 1);
+          if (lane == 0) load_query_tile(tile(it + 2), stage);
+          __syncwarp();
+        }
+      };
       if constexpr (kDq) {
         const uint32_t sdS = sdS0 + stage * DSTile::kBytes;
         const int m_block = tile(it);
@@ -252,7 +262,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           wgmma_commit();
           wgmma_wait<0>();
           fence_operand(acc_dq);
-          if (part == 1) mbar_arrive_if(ds_empty(stage), lane == 0);  // dS^T buffer read
+          if (part == 1) {
+            mbar_arrive_if(ds_empty(stage), lane == 0);  // dS^T buffer read
+            load_ahead();
+          }
           // This warp's 32 x 32 values of the part, once its bulk reduce-add of the tile before has read
           // them (the most recent bulk group, the other part's, may still be reading its own region).
           const int warp_off = (4 * part + warp) * DqT::kWarpFloats;
@@ -272,11 +285,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           }
         }
       }
-      if (warp == 0 && it + 2 < n_visits) {
-        mbar_wait(empty(stage), (it >> 1) & 1);  // both math warpgroups are done with tile it
-        if (lane == 0) load_query_tile(tile(it + 2), stage);
-        __syncwarp();
-      }
+      if constexpr (!kDq) load_ahead();
     }
     if (kDq && lane == 0) bulk_wait<0>();  // the last dQ reductions are done with shared memory
     named_arrive(1, kThreads);              // done with sK: the math warpgroups may overwrite it
