@@ -235,8 +235,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int it = 0; it < n_visits; ++it) {
       const int stage = it & 1;
       // Warp 0: tile it + 2 into the stage once both math warpgroups are done with tile it (whole warps
-      // wait: this warpgroup issues wgmmas). With dQ, right behind the last dQ GEMM of tile it, ahead
-      // of its shared-memory stores and their fence.
+      // wait: this warpgroup issues wgmmas). With dQ, right behind the first dQ GEMM of tile it, ahead
+      // of its shared-memory stores and their fence (the math warpgroups' dK GEMMs, after which they
+      // release the stage, run beside it).
       auto load_ahead = [&] {
         if (warp == 0 && it + 2 < n_visits) {
           mbar_wait(empty(stage), (it >> 1) & 1);
@@ -262,10 +263,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           wgmma_commit();
           wgmma_wait<0>();
           fence_operand(acc_dq);
-          if (part == 1) {
-            mbar_arrive_if(ds_empty(stage), lane == 0);  // dS^T buffer read
-            load_ahead();
-          }
+          if (part == 0) load_ahead();
+          if (part == 1) mbar_arrive_if(ds_empty(stage), lane == 0);  // dS^T buffer read
           // This warp's 32 x 32 values of the part, once its bulk reduce-add of the tile before has read
           // them (the most recent bulk group, the other part's, may still be reading its own region).
           const int warp_off = (4 * part + warp) * DqT::kWarpFloats;
