@@ -135,7 +135,8 @@ def test_scores_that_jump_between_key_tiles(head_dim, dtype, causal):
     q, k, v = make_qkv(batch, seqlen, seqlen, heads, heads, head_dim, dtype, seed=7)
     gen = torch.Generator().manual_seed(11)
     n_tiles = math.ceil(seqlen / 128)
-    tile_scale = torch.exp(torch.empty(batch, n_tiles, heads).uniform_(math.log(0.25), math.log(16.0), generator=gen))
+    log_scale = torch.empty(batch, n_tiles, heads).uniform_(math.log(0.25), math.log(16.0), generator=gen)
+    tile_scale = torch.exp(log_scale)
     key_scale = tile_scale.repeat_interleave(128, dim=1)[:, :seqlen, :, None]
     k = (k.float() * key_scale.to(k.device)).to(dtype)
     compare_forward(q, k, v, causal)
