@@ -61,14 +61,6 @@ struct FwdTraits {
   // P(i) in two register sets (packed while P(i-1) V(i-1) still reads the other), or one where
   // registers are short (three consumers: packed after that P V is waited for).
   static constexpr int kPSets = kConsumers == 2 ? 2 : 1;
-  // Lazy rescale (FlashAttention-4's): a row's reference max moves only when a tile's max exceeds it by
-  // more than kRescaleGapLog2, so most turns skip O's correction (a warp skips it when none of its
-  // rows moved). LONGCTX_FWD_LAZY_RESCALE=0 restores the rescale on every tile (tuning A / B).
-#ifdef LONGCTX_FWD_LAZY_RESCALE
-  static constexpr bool kLazyRescale = LONGCTX_FWD_LAZY_RESCALE;
-#else
-  static constexpr bool kLazyRescale = true;
-#endif
   using QTile = SwizzledTile<kBlockM, D>;
   using KTile = SwizzledTile<kBlockN, D>;
   // Byte offsets from the 1024-aligned base: two Q buffers (tiles alternate; the epilogue stages O in
@@ -401,9 +393,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         for (int jj = 0; jj < kBlockN / 8; ++jj)
           m4[jj % 4] = fmaxf(m4[jj % 4], fmaxf(acc_s[4 * jj + 2 * hh], acc_s[4 * jj + 2 * hh + 1]));
         const float tile_max = quad_max(fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]))) * scale_log2;
-        // The row's reference max (log2 units). Lazy: it moves only when the tile's max exceeds it by
-        // more than kRescaleGapLog2 (then P <= 2^8); O, the row sum and the LSE all use the same one.
-        const bool move = !Tr::kLazyRescale || tile_max > row_max[hh] + kRescaleGapLog2;
+        // The row's reference max (log2 units), lazy (FlashAttention-4's rescale): it moves only when the
+        // tile's max exceeds it by more than kRescaleGapLog2 (so P <= 2^8), and most turns skip O's
+        // correction; O, the row sum and the LSE all use the same reference.
+        const bool move = tile_max > row_max[hh] + kRescaleGapLog2;
         const float mx = move ? fmaxf(row_max[hh], tile_max) : row_max[hh];
         const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
         corr[hh] = move ? fast_exp2(row_max[hh] - ref) : 1.f;  // exp2(-inf) = 0 on the first tile
@@ -500,8 +493,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // GEMM runs makes ptxas serialise every wgmma).
         if constexpr (Tr::kPSets == 1) pack_p(acc_s, p_a[0]);
         mbar_arrive_if(empty_v(st_prev), lane == 0);
-        // O's correction; lazy: only in warps where a row's reference moved (no wgmma is in flight).
-        if (!Tr::kLazyRescale || __any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+        // O's correction, only in warps where a row's reference moved (no wgmma is in flight).
+        if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
           for (int jj = 0; jj < D / 8; ++jj)
 #pragma unroll
