@@ -13,7 +13,9 @@
 // Iteration i of a consumer issues, in one "GEMM turn",
 //   S(i)       = Q_c K(i)^T     wgmma m64n128, A = Q (smem, K-major), B = K (K-major)
 //   O         += P(i-1) V(i-1)  wgmma m64nD,   A = P (registers),     B = V (MN-major)
-// then waits for both and runs the online softmax of S(i) (P(i), rescale of O) on the CUDA cores.
+// then waits for both and runs the online softmax of S(i) (P(i), rescale of O) on the CUDA cores. With two
+// consumers the main loop's softmax is speculative: P = exp2(S scale - the row's current reference)
+// without the tile's row max, checked afterwards through the row sums (rare fix-up: `respeculate`).
 // The consumers take GEMM turns round-robin (named barriers 1.., "ping-pong" for two), so one
 // warpgroup's softmax runs while another's GEMMs occupy the tensor cores; no block-wide
 // barrier sits in the loop, and the turns run on from one tile to the next (Q has two buffers, so the
@@ -76,6 +78,9 @@ struct FwdTraits {
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: per slot the mask row and the kept-tile list
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the two slots' rows and lists)
 };
+
+// Softmax modes of a visit (the consumers' main loop below).
+enum SoftmaxMode : int { kMasked, kExact, kSpeculative };
 
 template <typename Tr, bool kIsCausal, bool kSparse>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
@@ -422,6 +427,47 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         pa[kk][3] = pack_float2<T>(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
       }
     };
+    // Speculative softmax (visits after the first fully visible one, two P register sets): P = exp2(x)
+    // with x = S scale - reference, the row's current reference max, without the tile's max. That max
+    // (a dependent chain of 64 FMNMX and two shuffles per row pair) held every exponential back; here
+    // they start as soon as S is in. x stays in acc_s and each thread's partial row sums in tsum; a sum
+    // <= 2^8 bounds every P of the thread's row by the lazy rescale's limit, the common case. A larger
+    // one (scores risen past the reference) takes `respeculate` after the P V wait.
+    auto softmax_speculative = [&](float (&acc_s)[WgS::kRegs], uint32_t (&pa)[kNSteps][4], float (&tsum)[2],
+                                   const float shift[2]) {
+      float sum[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+#pragma unroll
+      for (int i = 0; i < WgS::kRegs; i += 2) {
+        const int hh = (i / 2) % 2;  // accumulator layout (wgmma.cuh): pairs alternate the two rows
+        const float p0 = fast_exp2(acc_s[i] - shift[hh]), p1 = fast_exp2(acc_s[i + 1] - shift[hh]);
+        sum[hh][0] += p0;
+        sum[hh][1] += p1;
+        pa[i / 8][(i % 8) / 2] = pack_float2<T>(p0, p1);
+      }
+      tsum[0] = sum[0][0] + sum[0][1];
+      tsum[1] = sum[1][0] + sum[1][1];
+    };
+    auto scores_to_x = [&](float (&acc_s)[WgS::kRegs]) {
+#pragma unroll
+      for (int i = 0; i < WgS::kRegs; ++i) acc_s[i] = fmaf(acc_s[i], scale_log2, -row_max[(i / 2) % 2]);
+    };
+    // The rare case: a row whose tile max exceeds its reference by more than kRescaleGapLog2 moves the
+    // reference there (the exact softmax's rule), and the tile's P is recomputed from x (corr for O).
+    auto respeculate = [&](float (&acc_s)[WgS::kRegs], uint32_t (&pa)[kNSteps][4], float (&tsum)[2],
+                           float (&corr)[2]) {
+      float m[2] = {-INFINITY, -INFINITY}, shift[2];
+#pragma unroll
+      for (int i = 0; i < WgS::kRegs; ++i) m[(i / 2) % 2] = fmaxf(m[(i / 2) % 2], acc_s[i]);
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const float tile_max = quad_max(m[hh]);
+        const bool move = tile_max > kRescaleGapLog2;
+        shift[hh] = move ? tile_max : 0.f;
+        corr[hh] = move ? fast_exp2(-tile_max) : 1.f;
+        row_max[hh] += shift[hh];
+      }
+      softmax_speculative(acc_s, pa, tsum, shift);
+    };
 
     if (n_visits > 0) {
       // The skipped visits. Their slots are released only once loaded: an early arrival would count
@@ -463,9 +509,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
       // Visit i > first (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
       // P(i-1) V(i-1) (set kSet ^ 1), the softmax of S(i) runs while P V does, P(i) goes to set kSet
-      // (by the parity of i - first), then O's correction.
-      auto iteration = [&](auto set, auto masked, int i, int n_block) {
-        constexpr int kSet = decltype(set)::value;
+      // (by the parity of i - first), then O's correction. Softmax modes: kMasked (hidden keys possible),
+      // kExact, kSpeculative (every row has a finite reference: see the walk below).
+      auto iteration = [&](auto set, auto mode, int i, int n_block) {
+        constexpr int kSet = decltype(set)::value, kMode = decltype(mode)::value;
+        static_assert(kMode != kSpeculative || Tr::kPSets == 2, "x stays in acc_s across the P V wait");
         const int v = visits + i, st = v % kStages, st_prev = (v - 1) % kStages;
         mbar_wait(full_k(st), (v / kStages) & 1);
         mbar_wait(full_v(st_prev), ((v - 1) / kStages) & 1);
@@ -477,18 +525,38 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         named_arrive(next_turn, kTurnThreads);
         wgmma_wait<1>();  // S(i) done
         fence_operand(acc_s);
-        softmax(acc_s, n_block, corr, masked);
-        if constexpr (Tr::kPSets == 2) {
-          pack_p(acc_s, p_a[kSet]);
-          fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
+        float tsum[2];  // speculative: this thread's partial row sums of the tile
+        if constexpr (kMode == kSpeculative) {
+          const float no_shift[2] = {0.f, 0.f};
+          scores_to_x(acc_s);
+          softmax_speculative(acc_s, p_a[kSet], tsum, no_shift);
+          fence_operand(p_a[kSet]);
+        } else {
+          softmax(acc_s, n_block, corr, std::bool_constant<kMode == kMasked>{});
+          if constexpr (Tr::kPSets == 2) {
+            pack_p(acc_s, p_a[kSet]);
+            fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
+          }
         }
         // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
         // early as its operands allow; a predicate that reads the row sums (never negative, so it is
         // lane == 0) holds both behind the whole softmax.
-        mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
+        // (The speculative form: with `||` ptxas arrives early in lane 0 and pulls the wait up.)
+        if constexpr (kMode == kSpeculative) mbar_arrive_if(empty_k(st), lane == 0 && !(tsum[0] + tsum[1] < 0.f));
+        else mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
         wgmma_wait<0>();           // O now holds every tile before this one
         fence_operand(acc_o);
         fence_operand(p_a[(kSet ^ 1) % Tr::kPSets]);
+        if constexpr (kMode == kSpeculative) {
+          corr[0] = corr[1] = 1.f;
+          // kRescaleGapLog2 in log2 units: the sum bound 2^8 (every P <= 2^8)
+          if (__any_sync(0xffffffffu, !(tsum[0] <= 256.f) || !(tsum[1] <= 256.f))) {
+            respeculate(acc_s, p_a[kSet], tsum, corr);
+            fence_operand(p_a[kSet]);
+          }
+          row_sum[0] = row_sum[0] * corr[0] + tsum[0];
+          row_sum[1] = row_sum[1] * corr[1] + tsum[1];
+        }
         // One set: P(i) goes into the registers P(i-1) V(i-1) read only now (packing them while that
         // GEMM runs makes ptxas serialise every wgmma).
         if constexpr (Tr::kPSets == 1) pack_p(acc_s, p_a[0]);
@@ -506,21 +574,36 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       };
       using Set0 = std::integral_constant<int, 0>;
       using Set1 = std::integral_constant<int, Tr::kPSets - 1>;  // one set: always 0
+      using Masked = std::integral_constant<int, kMasked>;
+      using Exact = std::integral_constant<int, kExact>;
+      // The main loop's mode: speculative where there are two P sets (three consumers have no room
+      // for x across the P V wait).
+      using Main = std::integral_constant<int, Tr::kPSets == 2 ? kSpeculative : kExact>;
       int i = first + 1, n_block = key_tile(w, slot, i);
       // Tiles that need the mask (a prefix of the walk), then the rest unrolled by two (the P sets).
       for (; n_block >= 0 && need_mask(n_block); n_block = key_tile(w, slot, ++i)) {
-        if ((i - first) % 2) iteration(Set1{}, std::true_type{}, i, n_block);
-        else iteration(Set0{}, std::true_type{}, i, n_block);
+        if ((i - first) % 2) iteration(Set1{}, Masked{}, i, n_block);
+        else iteration(Set0{}, Masked{}, i, n_block);
+      }
+      // The speculative softmax needs a finite reference in every row. After the first visit every row
+      // has seen a key, unless causal masking hid all of that tile from the consumer's first row (Sq > Sk,
+      // or a block-sparse walk without its diagonal block); then the first tile without hidden keys,
+      // which gives every row one, is exact.
+      const bool first_row_saw_key = !kIsCausal || my_row0 + diag >= key_tile(w, slot, first) * kBlockN;
+      if (Main::value == kSpeculative && !first_row_saw_key && n_block >= 0) {
+        if ((i - first) % 2) iteration(Set1{}, Exact{}, i, n_block);
+        else iteration(Set0{}, Exact{}, i, n_block);
+        n_block = key_tile(w, slot, ++i);
       }
       if (n_block >= 0 && (i - first) % 2 == 0) {
-        iteration(Set0{}, std::false_type{}, i, n_block);
+        iteration(Set0{}, Main{}, i, n_block);
         n_block = key_tile(w, slot, ++i);
       }
       while (n_block >= 0) {
-        iteration(Set1{}, std::false_type{}, i, n_block);
+        iteration(Set1{}, Main{}, i, n_block);
         n_block = key_tile(w, slot, ++i);
         if (n_block < 0) break;
-        iteration(Set0{}, std::false_type{}, i, n_block);
+        iteration(Set0{}, Main{}, i, n_block);
         n_block = key_tile(w, slot, ++i);
       }
       // The last tile's P V, in a turn of its own.
