@@ -8,7 +8,7 @@ FlashAttention's benchmark shapes (16k tokens, hidden 2048), bf16; each impl run
 between cudaProfilerStart / Stop, for `ncu --profile-from-start off`).
 
     ncu --kernel-name regex:flash_fwd_sm90 ... python bench/profile_fwd.py --head-dim 64 --seqlen 16384 \
-        --density 0.5      # block-sparse: a seeded random 128 x 128 block mask per head (bench/blocksparse.py's)
+        --density 0.5      # block-sparse: bench/blocksparse.py's seeded random 128 x 128 mask per head
     python bench/profile_fwd.py --backward --peer cudnn --kernel-times   # no ncu: torch.profiler's
         GPU time per kernel, the mean of 5 calls of each impl after the 2 warm-up ones (which kernels a
         call launches, what each costs; L2 warm, unlike the bench, which flushes it before every call)
@@ -26,8 +26,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from longctx.ops import flash  # noqa: E402
 from blocksparse import head_masks  # noqa: E402  (bench/, this script's directory)
+
+from longctx.ops import flash  # noqa: E402
 
 
 def main() -> None:

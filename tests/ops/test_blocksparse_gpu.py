@@ -128,6 +128,17 @@ def test_empty_and_full_masks():
     check(q, k, v, none, causal=False, name="first block empty")
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_causal_rows_empty_until_a_fully_visible_tile(head_dim):
+    """Sq = Sk + 1, causal, every block kept: in the block-sparse Hopper forward (two consumers and the
+    speculative softmax at both head dims) the first row of some consumers sees nothing of the first
+    visited tile and all of the next, which must run the exact softmax (test_flash_gpu.py has the dense
+    case, speculative only at head dim 128)."""
+    q, k, v = make_qkv(2, 1025, 1024, 3, 3, head_dim, torch.bfloat16, seed=19)
+    ones = torch.ones(1, 1, math.ceil(1025 / 128), 1024 // 128, dtype=torch.bool, device="cuda")
+    check(q, k, v, ones, causal=True, name="Sq = Sk + 1")
+
+
 def test_full_mask_equals_dense_bitwise():
     """An all-ones mask visits the dense kernel's key tiles in the same order: identical results. At head
     dim 64 the dense Hopper instance has three consumers (192-row tiles) and the block-sparse one two

@@ -149,7 +149,8 @@ def test_causal_rows_empty_until_a_fully_visible_tile(head_dim, dtype, seqlens):
     # Causal with Sq - Sk = 1 or 65: in some 64-row consumer the first row sees exactly the keys up to a
     # tile boundary, so it sees nothing of the diagonal tile the walk starts with and all of the next
     # one. The Hopper forward's speculative softmax needs a finite reference per row; that tile must run
-    # the exact one.
+    # the exact one (dense: head dim 128; at 64 the dense instance is exact throughout, and
+    # test_blocksparse_gpu.py's test of the same name covers the speculative one).
     q, k, v = make_qkv(2, seqlens[0], seqlens[1], 3, 3, head_dim, dtype, seed=17)
     compare_forward(q, k, v, causal=True)
 
