@@ -579,9 +579,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // The main loop's mode: speculative where there are two P sets (three consumers have no room
       // for x across the P V wait).
       using Main = std::integral_constant<int, Tr::kPSets == 2 ? kSpeculative : kExact>;
-      int i = first + 1, n_block = key_tile(w, slot, i);
+      // The walk runs on the visit count (a register): in block-sparse walks key_tile reads shared
+      // memory, two dependent loads that would sit at the end of every turn. Only the masked prefix and
+      // the exact visit need their key tile.
+      int i = first + 1;
       // Tiles that need the mask (a prefix of the walk), then the rest unrolled by two (the P sets).
-      for (; n_block >= 0 && need_mask(n_block); n_block = key_tile(w, slot, ++i)) {
+      for (; i < n_visits; ++i) {
+        const int n_block = key_tile(w, slot, i);
+        if (!need_mask(n_block)) break;
         if ((i - first) % 2) iteration(Set1{}, Masked{}, i, n_block);
         else iteration(Set0{}, Masked{}, i, n_block);
       }
@@ -590,21 +595,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // or a block-sparse walk without its diagonal block); then the first tile without hidden keys,
       // which gives every row one, is exact.
       const bool first_row_saw_key = !kIsCausal || my_row0 + diag >= key_tile(w, slot, first) * kBlockN;
-      if (Main::value == kSpeculative && !first_row_saw_key && n_block >= 0) {
-        if ((i - first) % 2) iteration(Set1{}, Exact{}, i, n_block);
-        else iteration(Set0{}, Exact{}, i, n_block);
-        n_block = key_tile(w, slot, ++i);
+      if (Main::value == kSpeculative && !first_row_saw_key && i < n_visits) {
+        if ((i - first) % 2) iteration(Set1{}, Exact{}, i, key_tile(w, slot, i));
+        else iteration(Set0{}, Exact{}, i, key_tile(w, slot, i));
+        ++i;
       }
-      if (n_block >= 0 && (i - first) % 2 == 0) {
-        iteration(Set0{}, Main{}, i, n_block);
-        n_block = key_tile(w, slot, ++i);
+      // The main mode takes no mask, so no key tile (-1).
+      if (i < n_visits && (i - first) % 2 == 0) {
+        iteration(Set0{}, Main{}, i, -1);
+        ++i;
       }
-      while (n_block >= 0) {
-        iteration(Set1{}, Main{}, i, n_block);
-        n_block = key_tile(w, slot, ++i);
-        if (n_block < 0) break;
-        iteration(Set0{}, Main{}, i, n_block);
-        n_block = key_tile(w, slot, ++i);
+      while (i < n_visits) {
+        iteration(Set1{}, Main{}, i, -1);
+        if (++i == n_visits) break;
+        iteration(Set0{}, Main{}, i, -1);
+        ++i;
       }
       // The last tile's P V, in a turn of its own.
       const int v_last = visits + i - 1, st_prev = v_last % kStages;
