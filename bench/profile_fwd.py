@@ -9,6 +9,7 @@ between cudaProfilerStart / Stop, for `ncu --profile-from-start off`).
 
     ncu --kernel-name regex:flash_fwd_sm90 ... python bench/profile_fwd.py --head-dim 64 --seqlen 16384 \
         --density 0.5      # block-sparse: bench/blocksparse.py's seeded random 128 x 128 mask per head
+        [--pattern checker|stripes]   # or bench/sparse_ratio.py's regular masks of that density
     python bench/profile_fwd.py --backward --peer cudnn --kernel-times   # no ncu: torch.profiler's
         GPU time per kernel, the mean of 5 calls of each impl after the 2 warm-up ones (which kernels a
         call launches, what each costs; L2 warm, unlike the bench, which flushes it before every call)
@@ -26,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from blocksparse import head_masks  # noqa: E402  (bench/, this script's directory)
+from sparse_ratio import PATTERNS, pattern_mask  # noqa: E402  (bench/, this script's directory)
 
 from longctx.ops import flash  # noqa: E402
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="forward + backward")
     parser.add_argument("--peer", choices=["flash", "cudnn"], default="flash", help="sdpa backend")
     parser.add_argument("--density", type=float, default=1.0, help="block-sparse below 1 (random masks)")
+    parser.add_argument("--pattern", choices=PATTERNS[:3], default="random", help="block-sparse mask layout")
     parser.add_argument("--kernel-times", action="store_true", help="GPU time per kernel (torch.profiler)")
     args = parser.parse_args()
     batch, heads = max(1, 16384 // args.seqlen), 2048 // args.head_dim
@@ -64,7 +66,7 @@ def main() -> None:
 
     block_mask = None
     if args.density < 1.0:
-        block_mask = head_masks(args.seqlen, heads, args.density)
+        block_mask = pattern_mask(args.pattern, args.seqlen, heads, args.density)
 
     def ours() -> None:
         run(flash.flash_attention(q, k, v, causal=args.causal, block_mask=block_mask))
