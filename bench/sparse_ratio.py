@@ -37,10 +37,12 @@ PATTERNS = ("random", "checker", "stripes", "ones")
 def pattern_mask(name: str, seqlen: int, heads: int, density: float) -> torch.Tensor:
     if name == "random":
         return head_masks(seqlen, heads, density)
+    period = round(1 / density)
+    if name != "ones" and abs(period * density - 1) > 1e-6:
+        raise ValueError(f"pattern {name!r} needs a density of 1/k (1/2, 1/4, ...), got {density}")
     n = num_blocks(seqlen)
     m_idx = torch.arange(n, device="cuda")[:, None]
     n_idx = torch.arange(n, device="cuda")[None, :]
-    period = round(1 / density)
     if name == "checker":
         keep = (m_idx + n_idx) % period == 0
     elif name == "stripes":
@@ -95,6 +97,8 @@ def main() -> int:
     parser.add_argument("--bwd", action="store_true", help="also time the backward")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device>)")
     args = parser.parse_args()
+    if not 0 < args.density <= 1:
+        parser.error(f"--density must be in (0, 1], got {args.density}")
     out_dir = args.out or ROOT / "bench" / "results" / device_slug()
     out_dir.mkdir(parents=True, exist_ok=True)
 
