@@ -286,8 +286,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
       if constexpr (!kDq) load_ahead();
     }
-    if (kDq && lane == 0) bulk_wait<0>();  // the last dQ reductions are done with shared memory
-    named_arrive(1, kThreads);              // done with sK: the math warpgroups may overwrite it
+    // Done with sK (every dQ GEMM has been waited for): the math warpgroups may stage dK / dV over it
+    // while the last bulk reductions still read this warpgroup's dQ staging, which they do not touch.
+    named_arrive(1, kThreads);
+    if (kDq && lane == 0) bulk_wait_read<0>();  // the reductions' shared-memory source outlives their reads
     return;
   }
   // Math warpgroup wg: keys 64 wg .. 64 wg + 63 of the block, every query tile.
