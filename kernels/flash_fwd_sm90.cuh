@@ -583,12 +583,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // memory, two dependent loads that would sit at the end of every turn. Only the masked prefix and
       // the exact visit need their key tile.
       int i = first + 1;
+      // Visit i in the P set of its parity (counted from the first visit), outside the unrolled loop.
+      auto iteration_at = [&](auto mode, int i, int n_block) {
+        if ((i - first) % 2) iteration(Set1{}, mode, i, n_block);
+        else iteration(Set0{}, mode, i, n_block);
+      };
       // Tiles that need the mask (a prefix of the walk), then the rest unrolled by two (the P sets).
       for (; i < n_visits; ++i) {
         const int n_block = key_tile(w, slot, i);
         if (!need_mask(n_block)) break;
-        if ((i - first) % 2) iteration(Set1{}, Masked{}, i, n_block);
-        else iteration(Set0{}, Masked{}, i, n_block);
+        iteration_at(Masked{}, i, n_block);
       }
       // The speculative softmax needs a finite reference in every row. After the first visit every row
       // has seen a key, unless causal masking hid all of that tile from the consumer's first row (Sq > Sk,
@@ -596,11 +600,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // which gives every row one, is exact.
       const bool first_row_saw_key = !kIsCausal || my_row0 + diag >= key_tile(w, slot, first) * kBlockN;
       if (Main::value == kSpeculative && !first_row_saw_key && i < n_visits) {
-        if ((i - first) % 2) iteration(Set1{}, Exact{}, i, key_tile(w, slot, i));
-        else iteration(Set0{}, Exact{}, i, key_tile(w, slot, i));
+        iteration_at(Exact{}, i, -1);  // only the masked mode reads its key tile
         ++i;
       }
-      // The main mode takes no mask, so no key tile (-1).
+      // The main mode takes no mask, so no key tile either.
       if (i < n_visits && (i - first) % 2 == 0) {
         iteration(Set0{}, Main{}, i, -1);
         ++i;
