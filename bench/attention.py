@@ -171,6 +171,14 @@ def flops_fwd(batch: int, heads: int, seqlen: int, head_dim: int, causal: bool) 
     return 4.0 * batch * heads * seqlen * seqlen * head_dim / (2.0 if causal else 1.0)
 
 
+def write_json(path: Path, payload: dict) -> None:
+    """Writes payload to path atomically (a temporary file, then a rename): a killed run leaves the
+    previous file, which --merge reads back, whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
 def bench_ms(fn: Callable[[], object], grad_to_none: list | None = None) -> float:
     from triton.testing import do_bench
 
@@ -399,7 +407,7 @@ def main() -> int:
         fresh = {tuple(r[k] for k in key) for r in rows}
         rows = [r for r in old["speed"] if tuple(r[k] for k in key) not in fresh] + rows
         memory = memory or old.get("memory", [])
-    path.write_text(json.dumps({"meta": meta, "speed": rows, "memory": memory}, indent=1))
+    write_json(path, {"meta": meta, "speed": rows, "memory": memory})
     print("wrote", path, *plot(rows, memory, out_dir))
     print_table(rows)
     return 0

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import HIDDEN, ROOT, bench_ms, compiled_flex, device_slug, is_oom  # noqa: E402
+from attention import HIDDEN, ROOT, bench_ms, compiled_flex, device_slug, is_oom, write_json  # noqa: E402
 
 from longctx.ops import attention  # noqa: E402
 from longctx.ops.blocksparse import random_blocks, to_flex_block_mask  # noqa: E402
@@ -204,7 +204,7 @@ def main() -> int:
         keys = {(r["impl"], r["head_dim"], r["seqlen"], r["density"]) for r in rows}
         old = json.loads(path.read_text())["rows"]
         rows = [r for r in old if (r["impl"], r["head_dim"], r["seqlen"], r["density"]) not in keys] + rows
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_json(path, {"meta": meta, "rows": rows})
     plot(rows, out_dir / "blocksparse.png")
     print("wrote", path, out_dir / "blocksparse.png")
     print("\n".join(summarise(rows)))

@@ -1,10 +1,9 @@
 """Block-sparse / dense forward time ratio, repeated and interleaved (GPU only).
 
-bench/blocksparse.py times every case once; between runs on one machine its density-1/2 ratio moved
-by several percent. This script times dense attention and several block masks of the same density
-back to back, `--repeats` rounds, and prints each mask's ratio to dense (median, min, max over
-rounds), so that the spread of the ratio is measured rather than guessed, and so that masks whose
-kept blocks are arranged differently (same count) can be compared:
+Times dense attention and several block masks of one density back to back, `--repeats` rounds, and
+prints each mask's ratio to dense (median, min, max over rounds), so that masks whose kept blocks are
+arranged differently (same count) can be compared (bench/blocksparse.py --repeats gives the medians of
+its random masks over densities):
 
   random   bench/blocksparse.py's masks (random blocks of the whole matrix, one mask per head)
   checker  key block n of query block m kept when n + m is even (every row keeps half, rows differ)
@@ -17,7 +16,6 @@ kept blocks are arranged differently (same count) can be compared:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import HIDDEN, ROOT, bench_ms, device_slug  # noqa: E402
+from attention import HIDDEN, ROOT, bench_ms, device_slug, write_json  # noqa: E402
 from blocksparse import head_masks  # noqa: E402
 
 from longctx.ops import attention  # noqa: E402
@@ -138,9 +136,7 @@ def main() -> int:
         "command": "python " + " ".join(sys.argv),
     }
     path = out_dir / "sparse_ratio.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    tmp.replace(path)
+    write_json(path, {"meta": meta, "rows": rows})
     print("wrote", path)
     print("\n".join(lines))
     return 0
