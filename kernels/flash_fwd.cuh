@@ -35,6 +35,10 @@ namespace longctx {
 // Lazy rescale (both kernels): the gap, in log2 units, by which a tile's max must exceed a row's
 // reference max before the reference moves; P = exp2(S * scale - reference) stays <= 2^8.
 constexpr float kRescaleGapLog2 = 8.f;
+// The same bound as a value: every P of a row is <= exp2(kRescaleGapLog2) = 256 (the speculative
+// softmax of the Hopper forward tests its row sums against it).
+constexpr float kRescaleBound = 256.f;
+static_assert(kRescaleBound == float(1 << static_cast<int>(kRescaleGapLog2)), "exp2(kRescaleGapLog2)");
 
 // kQKUnroll: unroll factor of the k16 loop of S = Q K^T when Q is read from shared memory (0: full).
 // A partial unroll stops the compiler from hoisting every step's fragments, which spills at D=128.

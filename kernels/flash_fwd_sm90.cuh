@@ -549,8 +549,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         fence_operand(p_a[(kSet ^ 1) % Tr::kPSets]);
         if constexpr (kMode == kSpeculative) {
           corr[0] = corr[1] = 1.f;
-          // kRescaleGapLog2 in log2 units: the sum bound 2^8 (every P <= 2^8)
-          if (__any_sync(0xffffffffu, !(tsum[0] <= 256.f) || !(tsum[1] <= 256.f))) {
+          // A row sum within the bound bounds every P of the row by it.
+          if (__any_sync(0xffffffffu, !(tsum[0] <= kRescaleBound) || !(tsum[1] <= kRescaleBound))) {
             respeculate(acc_s, p_a[kSet], tsum, corr);
             fence_operand(p_a[kSet]);
           }
