@@ -79,6 +79,16 @@ struct FwdTraits {
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the two slots' rows and lists)
 };
 
+#ifdef LONGCTX_FWD_TRACE
+// Scratch timeline (kernels/tune/fwd_tune.cu only): clock() at 7 points of each visit of block 0's
+// third tile, per consumer warpgroup (warp 0, lane 0).
+__device__ unsigned g_fwd_trace[3][128][8];
+#define FWD_TRACE(k) \
+  if (blockIdx.x == 0 && j == 2 && tid % 128 == 0 && i < 128) g_fwd_trace[c][i][k] = static_cast<unsigned>(clock())
+#else
+#define FWD_TRACE(k)
+#endif
+
 // Softmax modes of a visit (the consumers' main loop below).
 enum SoftmaxMode : int { kMasked, kExact, kSpeculative };
 
@@ -515,15 +525,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         constexpr int kSet = decltype(set)::value, kMode = decltype(mode)::value;
         static_assert(kMode != kSpeculative || Tr::kPSets == 2, "x stays in acc_s across the P V wait");
         const int v = visits + i, st = v % kStages, st_prev = (v - 1) % kStages;
+        FWD_TRACE(0);
         mbar_wait(full_k(st), (v / kStages) & 1);
         mbar_wait(full_v(st_prev), ((v - 1) / kStages) & 1);
+        FWD_TRACE(1);
         named_sync(my_turn, kTurnThreads);
+        FWD_TRACE(2);
         float acc_s[WgS::kRegs];
         wgmma_fence();
         issue_s(acc_s, sQ, st);
         issue_pv(p_a[(kSet ^ 1) % Tr::kPSets], st_prev);
         named_arrive(next_turn, kTurnThreads);
         wgmma_wait<1>();  // S(i) done
+        FWD_TRACE(3);
         fence_operand(acc_s);
         float tsum[2];  // speculative: this thread's partial row sums of the tile
         if constexpr (kMode == kSpeculative) {
@@ -544,7 +558,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         // (The speculative form: with `||` ptxas arrives early in lane 0 and pulls the wait up.)
         if constexpr (kMode == kSpeculative) mbar_arrive_if(empty_k(st), lane == 0 && !(tsum[0] + tsum[1] < 0.f));
         else mbar_arrive_if(empty_k(st), lane == 0 || row_sum[0] + row_sum[1] < 0.f);
+        FWD_TRACE(4);
         wgmma_wait<0>();           // O now holds every tile before this one
+        FWD_TRACE(5);
         fence_operand(acc_o);
         fence_operand(p_a[(kSet ^ 1) % Tr::kPSets]);
         if constexpr (kMode == kSpeculative) {
@@ -571,6 +587,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
               acc_o[4 * jj + 2 * hh + 1] *= corr[hh];
             }
         }
+        FWD_TRACE(6);
       };
       using Set0 = std::integral_constant<int, 0>;
       using Set1 = std::integral_constant<int, Tr::kPSets - 1>;  // one set: always 0

@@ -3,7 +3,7 @@
 // (16k tokens, hidden 2048), dense and block-sparse (a seeded random mask of density 1/2), and checks
 // each against the first variant of its case. Each timed call follows a 256 MB cache flush, as in
 // bench/attention.py (--no-flush: back to back).
-//   nvcc -O3 --use_fast_math -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DHDIM=128 \
+//   nvcc -O3 --use_fast_math -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DHDIM=128 [-DLONGCTX_FWD_TRACE] \
 //        -I kernels kernels/tune/fwd_tune.cu -o fwd_tune && ./fwd_tune
 #include <cstdio>
 #include <algorithm>
@@ -51,6 +51,37 @@ __global__ void max_diff(const bf16* a, const bf16* b, size_t n, float* out) {
 constexpr size_t kFlushBytes = size_t(256) << 20;
 void* g_flush = nullptr;  // set unless --no-flush
 
+#ifdef LONGCTX_FWD_TRACE
+// Build with -DLONGCTX_FWD_TRACE: per consumer, the median over the third tile of block 0 of each
+// phase of a visit (clock cycles), then a few visits' raw points relative to consumer 0.
+void print_trace(int consumers) {
+  static unsigned tr[3][128][8];
+  CK(cudaMemcpyFromSymbol(tr, sm90::g_fwd_trace, sizeof(tr)));
+  const char* names[] = {"data", "turn", "issue+S", "softmax", "PV", "tail", "visit"};
+  for (int c = 0; c < consumers; ++c) {
+    std::vector<std::vector<int>> d(7);
+    for (int i = 4; i + 1 < 128; ++i) {
+      if (tr[c][i][0] == 0 || tr[c][i + 1][0] == 0) continue;
+      for (int k = 0; k < 6; ++k) d[k].push_back(static_cast<int>(tr[c][i][k + 1] - tr[c][i][k]));
+      d[6].push_back(static_cast<int>(tr[c][i + 1][0] - tr[c][i][0]));
+    }
+    printf("    consumer %d (%zu visits):", c, d[6].size());
+    for (int k = 0; k < 7; ++k) {
+      std::sort(d[k].begin(), d[k].end());
+      printf(" %s %d", names[k], d[k].empty() ? -1 : d[k][d[k].size() / 2]);
+    }
+    printf("\n");
+  }
+  const unsigned t0 = tr[0][20][0];
+  for (int i = 20; i < 24; ++i)
+    for (int c = 0; c < consumers; ++c) {
+      printf("    i=%d c=%d:", i, c);
+      for (int k = 0; k < 7; ++k) printf(" %6d", static_cast<int>(tr[c][i][k] - t0));
+      printf("\n");
+    }
+}
+#endif
+
 template <typename Tr, bool kSparse>
 void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
   const bool causal = p.is_causal;
@@ -90,6 +121,9 @@ void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
   CK(cudaMemcpy(&diff, d, 4, cudaMemcpyDeviceToHost));
   cudaFree(d);
   printf("  %-30s %7.3f ms %6.1f TFLOP/s  maxdiff %.2e\n", name, med, flops / med * 1e-9, diff);
+#ifdef LONGCTX_FWD_TRACE
+  print_trace(Tr::kConsumers);
+#endif
 }
 
 __global__ void fill_mask(uint8_t* m, size_t n, uint32_t seed) {  // keep about half the blocks
