@@ -17,7 +17,8 @@
 // consumers the main loop's softmax is speculative: P = exp2(S scale - the row's current reference)
 // without the tile's row max, checked afterwards through the row sums (rare fix-up: `respeculate`).
 // The consumers take GEMM turns round-robin (named barriers 1.., "ping-pong" for two), so one
-// warpgroup's softmax runs while another's GEMMs occupy the tensor cores; no block-wide
+// warpgroup's softmax runs while another's GEMMs occupy the tensor cores (two consumers at head dim 64
+// also take the softmaxes in turns: FwdTraits::kSoftmaxTurns); no block-wide
 // barrier sits in the loop, and the turns run on from one tile to the next (Q has two buffers, so the
 // producer loads the next tile's Q as soon as it is done issuing the current tile's K / V; the
 // epilogue stages O in its tile's Q buffer). A consumer takes a turn without GEMMs for the key tiles
@@ -63,6 +64,11 @@ struct FwdTraits {
   // P(i) in two register sets (packed while P(i-1) V(i-1) still reads the other), or one where
   // registers are short (three consumers: packed after that P V is waited for).
   static constexpr int kPSets = kConsumers == 2 ? 2 : 1;
+  // Softmax turns (two consumers at head dim 64, the block-sparse instance): the consumers' softmaxes
+  // alternate as their GEMMs do, instead of overlapping and sharing the MUFU queue (at head dim 64 the
+  // MUFU needs as many cycles per visit as the tensor cores). At head dim 128 (GEMMs twice as long) the
+  // extra barriers cost more than they gain (kernels/NOTES_sm90.md, session 14).
+  static constexpr bool kSoftmaxTurns = kConsumers == 2 && D == 64;
   using QTile = SwizzledTile<kBlockM, D>;
   using KTile = SwizzledTile<kBlockN, D>;
   // Byte offsets from the 1024-aligned base: two Q buffers (tiles alternate; the epilogue stages O in
@@ -75,6 +81,7 @@ struct FwdTraits {
   static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;
   static constexpr int kOffSlots = kOffBar + 8 * (4 + 4 * kStages + 4);
   static constexpr int kOffCount = kOffSlots + 8;  // block-sparse: per slot the kept-tile count
+  static constexpr int kOffScale = kOffCount + 8;  // kSoftmaxTurns: the softmax scale (log2 units)
   static constexpr int kOffMask = kOffCount + 16;  // block-sparse: per slot the mask row and the kept-tile list
   static constexpr int kSmemBytes = kOffMask + 1024;  // + alignment slack (+ the two slots' rows and lists)
 };
@@ -163,6 +170,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
 
   if (tid == 0) {
+    if (Tr::kSoftmaxTurns) *reinterpret_cast<float*>(smem + Tr::kOffScale) = p.softmax_scale_log2;
     for (int qb = 0; qb < 2; ++qb) {
       mbar_init(full_q(qb), 1);
       mbar_init(empty_q(qb), 4 * kConsumers);  // lane 0 of every consumer warp, after its epilogue
@@ -278,10 +286,32 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int row_in_tile = 64 * c + 16 * warp + g;  // this thread's first row (the second is +8)
   const int my_turn = 1 + c, next_turn = 1 + (c + 1) % kConsumers;  // named barrier ids
   const float scale_log2 = p.softmax_scale_log2;
+  // Softmax turns (Tr::kSoftmaxTurns): each visit's softmax takes a turn (named barriers 2 kConsumers +
+  // 1 + c), a skipped visit an empty one, so both consumers take n_visits turns per tile.
+  constexpr bool kSoftmaxTurns = Tr::kSoftmaxTurns;
+  const int my_sm_turn = 1 + 2 * kConsumers + c, next_sm_turn = 1 + 2 * kConsumers + (c + 1) % kConsumers;
+  // ptxas moves arithmetic across barriers. So the softmax reads its scale from shared memory after the
+  // turn's barrier (a load stays behind it), and the hand-over's barrier id is computed from the
+  // softmax's sums (+1 only for the all-ones NaN pattern, which no arithmetic produces): both barriers
+  // then stay around the exponentials.
+  auto softmax_turn_begin = [&]() -> float {
+    if constexpr (kSoftmaxTurns) {
+      named_sync(my_sm_turn, kTurnThreads);
+      return ld_volatile_shared_f32(base + Tr::kOffScale);
+    }
+    return scale_log2;
+  };
+  auto softmax_turn_end = [&](float sum) {
+    if constexpr (kSoftmaxTurns) {
+      // (warp-uniform by a shuffle from lane 0: a divergent-looking arrive makes ptxas serialise wgmmas)
+      named_arrive(__shfl_sync(0xffffffffu, next_sm_turn + (__float_as_uint(sum) == 0xFFFFFFFFu), 0), kTurnThreads);
+    }
+  };
   // The GEMM turns run on across tiles: consumer 0 takes the first one, every turn hands over to the
   // next consumer, and consumer 0 takes the last hand-over at the end, so every turn barrier ends
   // balanced.
   if (c == kConsumers - 1) named_arrive(1, kTurnThreads);
+  if (kSoftmaxTurns && c == kConsumers - 1) named_arrive(1 + 2 * kConsumers, kTurnThreads);
 
   auto issue_s = [&](float (&acc_s)[WgS::kRegs], uint32_t sQ, int st) {  // S = Q_c K^T
     const uint32_t q_c = sQ + 64 * c * 128, k_st = sK0 + st * KTile::kBytes;
@@ -383,7 +413,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const int col0 = n_block * kBlockN;
       return col0 + kBlockN > seqlen_k || (kIsCausal && col0 + kBlockN - 1 > my_row0 + diag);
     };
-    auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2], auto masked) {
+    auto softmax = [&](float (&acc_s)[WgS::kRegs], int n_block, float (&corr)[2], float scale, auto masked) {
       if constexpr (decltype(masked)::value) {
         const int col0 = n_block * kBlockN;
         int key_limit[2];  // visible: 8 j + (e % 2) < key_limit (keys relative to col0 + 2 t4)
@@ -407,7 +437,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
         for (int jj = 0; jj < kBlockN / 8; ++jj)
           m4[jj % 4] = fmaxf(m4[jj % 4], fmaxf(acc_s[4 * jj + 2 * hh], acc_s[4 * jj + 2 * hh + 1]));
-        const float tile_max = quad_max(fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]))) * scale_log2;
+        const float tile_max = quad_max(fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]))) * scale;
         // The row's reference max (log2 units), lazy (FlashAttention-4's rescale): it moves only when the
         // tile's max exceeds it by more than kRescaleGapLog2 (so P <= 2^8), and most turns skip O's
         // correction; O, the row sum and the LSE all use the same reference.
@@ -421,7 +451,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         for (int jj = 0; jj < kBlockN / 8; ++jj)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pv = fast_exp2(fmaf(acc_s[4 * jj + 2 * hh + e], scale_log2, -ref));
+            const float pv = fast_exp2(fmaf(acc_s[4 * jj + 2 * hh + e], scale, -ref));
             acc_s[4 * jj + 2 * hh + e] = pv;
             sum[e] += pv;
           }
@@ -457,9 +487,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       tsum[0] = sum[0][0] + sum[0][1];
       tsum[1] = sum[1][0] + sum[1][1];
     };
-    auto scores_to_x = [&](float (&acc_s)[WgS::kRegs]) {
+    auto scores_to_x = [&](float (&acc_s)[WgS::kRegs], float scale) {
 #pragma unroll
-      for (int i = 0; i < WgS::kRegs; ++i) acc_s[i] = fmaf(acc_s[i], scale_log2, -row_max[(i / 2) % 2]);
+      for (int i = 0; i < WgS::kRegs; ++i) acc_s[i] = fmaf(acc_s[i], scale, -row_max[(i / 2) % 2]);
     };
     // The rare case: a row whose tile max exceeds its reference by more than kRescaleGapLog2 moves the
     // reference there (the exact softmax's rule), and the tile's P is recomputed from x (corr for O).
@@ -488,6 +518,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         mbar_wait(full_v(st), (v / kStages) & 1);
         named_sync(my_turn, kTurnThreads);
         named_arrive(next_turn, kTurnThreads);
+        softmax_turn_begin();
+        softmax_turn_end(0.f);
         mbar_arrive_if(empty_k(st), lane == 0);
         mbar_arrive_if(empty_v(st), lane == 0);
       }
@@ -514,8 +546,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         wgmma_wait<0>();
         fence_operand(acc_s0);
         mbar_arrive_if(empty_k(st_first), lane == 0);
-        softmax(acc_s0, key_tile(w, slot, first), corr, std::true_type{});
+        const float scale = softmax_turn_begin();
+        softmax(acc_s0, key_tile(w, slot, first), corr, scale, std::true_type{});
         pack_p(acc_s0, p_a[0]);  // O is still 0: no correction
+        softmax_turn_end(row_sum[0] + row_sum[1]);
       }
       // Visit i > first (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
       // P(i-1) V(i-1) (set kSet ^ 1), the softmax of S(i) runs while P V does, P(i) goes to set kSet
@@ -539,19 +573,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         wgmma_wait<1>();  // S(i) done
         FWD_TRACE(3);
         fence_operand(acc_s);
+        const float scale = softmax_turn_begin();
         float tsum[2];  // speculative: this thread's partial row sums of the tile
         if constexpr (kMode == kSpeculative) {
           const float no_shift[2] = {0.f, 0.f};
-          scores_to_x(acc_s);
+          scores_to_x(acc_s, scale);
           softmax_speculative(acc_s, p_a[kSet], tsum, no_shift);
           fence_operand(p_a[kSet]);
         } else {
-          softmax(acc_s, n_block, corr, std::bool_constant<kMode == kMasked>{});
+          softmax(acc_s, n_block, corr, scale, std::bool_constant<kMode == kMasked>{});
           if constexpr (Tr::kPSets == 2) {
             pack_p(acc_s, p_a[kSet]);
             fence_operand(p_a[kSet]);  // P(i) is packed before the wait (the compiler would sink it)
           }
         }
+        softmax_turn_end(kMode == kSpeculative ? tsum[0] + tsum[1] : row_sum[0] + row_sum[1]);
         // ptxas keeps the wait right behind the preceding mbarrier arrive and schedules that arrive as
         // early as its operands allow; a predicate that reads the row sums (never negative, so it is
         // lane == 0) holds both behind the whole softmax.
@@ -677,6 +713,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
   store_o(pending_t, pending_qb, pending_t >= 0);  // the last tile's
   if (c == 0) named_sync(my_turn, kTurnThreads);  // the last hand-over
+  if (kSoftmaxTurns && c == 0) named_sync(my_sm_turn, kTurnThreads);
 #endif
 }
 
