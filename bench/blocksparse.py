@@ -9,7 +9,10 @@ and backward timed separately (triton.testing.do_bench median, as bench/attentio
 With --repeats R every (head dim, seqlen) runs R rounds, each round all densities and impls in
 turn, and a case's time is the median over the rounds (each round's time is kept in the row): on
 the H100 one do_bench median of the same case moves by several percent between runs (the clock
-follows the power draw), enough to move a ratio across its target either way.
+follows the power draw), enough to move a ratio across its target either way. The order inside a
+round (--order): "density" times each density's impls one after the other (longctx, flex, next
+density), so every longctx case but the dense one follows a FlexAttention case; "impl" times all of
+one impl's densities back to back, so a ratio's numerator and denominator follow the same kind of work.
 
 Writes bench/results/<device>/blocksparse.json (rows: impl, head_dim, seqlen, density, fwd_ms,
 bwd_ms) and blocksparse.png, then prints time(d) / time(dense) against the target d + 0.05 and
@@ -46,6 +49,15 @@ def head_masks(seqlen: int, heads: int, density: float) -> torch.Tensor:
     """bool (1, heads, n, n): an independent seeded random mask of the given density per head."""
     masks = [random_blocks(seqlen, seqlen, density, seed=h, device="cuda") for h in range(heads)]
     return torch.cat(masks, dim=1)
+
+
+def round_order(densities: list[float], impls: list[str], order: str) -> list[tuple[str, float]]:
+    """The (impl, density) cases of one round in the order they run (see --order)."""
+    if order == "density":
+        return [(impl, dens) for dens in densities for impl in impls]
+    if order == "impl":
+        return [(impl, dens) for impl in impls for dens in densities]
+    raise ValueError(f"order must be 'density' or 'impl', got {order!r}")
 
 
 def make_fn(impl: str, mask: torch.Tensor | None, seqlen: int):
@@ -177,6 +189,8 @@ def main() -> int:
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--repeats", type=int, default=1, help="rounds per (head dim, seqlen); median")
+    parser.add_argument("--order", choices=("density", "impl"), default="density",
+                        help="inside a round: per density every impl, or per impl every density")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device>)")
     parser.add_argument(
         "--merge", action="store_true", help="add to an existing blocksparse.json (same keys replaced)"
@@ -192,13 +206,13 @@ def main() -> int:
         for s in args.seqlens:
             rounds: dict[tuple, list[dict]] = {}
             for r in range(args.repeats):
-                for dens in args.densities:
-                    for impl in args.impls:
-                        rounds.setdefault((impl, dens), []).append(timed_case(impl, d, s, dens, r + 1))
+                for impl, dens in round_order(args.densities, args.impls, args.order):
+                    rounds.setdefault((impl, dens), []).append(timed_case(impl, d, s, dens, r + 1))
             rows += [median_row(case) for case in rounds.values()]
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
             "hidden": HIDDEN, "batch": 1, "masks": "random 128x128 blocks, one per head, non-causal",
-            "timing": "triton.testing.do_bench median; with --repeats the median of the rounds (*_rounds)"}
+            "timing": "triton.testing.do_bench median; with --repeats the median of the rounds (*_rounds)",
+            "order": args.order}
     path = out_dir / "blocksparse.json"
     if args.merge and path.exists():
         keys = {(r["impl"], r["head_dim"], r["seqlen"], r["density"]) for r in rows}
