@@ -74,8 +74,8 @@ struct FwdTraits {
   // Byte offsets from the 1024-aligned base: two Q buffers (tiles alternate; the epilogue stages O in
   // its tile's buffer, so that the next tile's Q loads a whole tile ahead), K ring, V ring, mbarriers
   // (full and empty of the two Q buffers, full K, full V, empty K, empty V, then the tile hand-over:
-  // full and empty of two slots) and the two slots' tile indices and kept-tile counts, then
-  // (block-sparse) per slot the mask row and the kept-tile list.
+  // full and empty of two slots), the two slots' tile indices and kept-tile counts, the softmax scale
+  // (kSoftmaxTurns), then (block-sparse) per slot the mask row and the kept-tile list.
   static constexpr int kOffK = 2 * QTile::kBytes;
   static constexpr int kOffV = kOffK + kStages * KTile::kBytes;
   static constexpr int kOffBar = kOffV + kStages * KTile::kBytes;
@@ -292,8 +292,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int my_sm_turn = 1 + 2 * kConsumers + c, next_sm_turn = 1 + 2 * kConsumers + (c + 1) % kConsumers;
   // ptxas moves arithmetic across barriers. So the softmax reads its scale from shared memory after the
   // turn's barrier (a load stays behind it), and the hand-over's barrier id is computed from the
-  // softmax's sums (+1 only for the all-ones NaN pattern, which no arithmetic produces): both barriers
-  // then stay around the exponentials.
+  // softmax's sums: +1 only for the bit pattern 0xFFFFFFFF, which no arithmetic here produces (a NaN
+  // sum is the canonical 0x7FFFFFFF). A test ptxas can decide (sum < 0: MUFU.EX2 is never negative)
+  // is folded away and leaves the arrive free to move. Both barriers then stay around the exponentials.
   auto softmax_turn_begin = [&]() -> float {
     if constexpr (kSoftmaxTurns) {
       named_sync(my_sm_turn, kTurnThreads);
