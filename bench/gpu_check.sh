@@ -167,7 +167,7 @@ for d, causal, sq, sk, det in ((64, True, 97, 203, False), (80, False, 130, 65, 
     k = torch.randn(1, sk, 2, d, device="cuda", dtype=torch.bfloat16)
     run(q, k, k.clone(), causal=causal, dropout_p=0.1 if d == 64 else 0.0, deterministic=det)
 cu = torch.tensor([0, 5, 100, 133], dtype=torch.int32, device="cuda")
-for d in (32, 64):  # stage-1 and Hopper kernels
+for d in (32, 64, 128):  # stage-1 and Hopper kernels (sequence ends inside tiles: rows zeroed)
     q = torch.randn(133, 4, d, device="cuda", dtype=torch.float16)
     run(q, q, q, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=95, max_seqlen_k=95)
 from longctx.ops.blocksparse import block_mask_from_pattern  # block-sparse forward + backward

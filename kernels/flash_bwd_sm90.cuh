@@ -308,6 +308,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const float* const dsum_s = lse2_s + kBlockM;
       const int row0 = m_block * kBlockM;
       mbar_wait(full(stage), (it >> 1) & 1);  // this tile's Q / dO / stats
+      // Packed varlen: a sequence's last query tile holds the next sequence's rows past its end. Their
+      // P^T is 0 only for finite S^T, and 0 x NaN / inf is NaN in dV and dP^T: this warpgroup zeroes them
+      // in Q and dO first (the other math warpgroup writes the same zeros; the dQ warpgroup reads neither).
+      if (s.varlen && row0 + kBlockM > s.seqlen_q) {
+        zero_tile_rows<QTile, 128>(sQ, s.seqlen_q - row0, tid % 128);
+        zero_tile_rows<QTile, 128>(sdO, s.seqlen_q - row0, tid % 128);
+        fence_proxy_async();
+        if (wg == 0) named_sync(3, 128);  // constant ids (a computed one makes ptxas reserve all 16)
+        else named_sync(4, 128);
+      }
 
       // S^T = K_g Q^T first (dP^T goes out with dV: registers hold one 64 x kBlockM accumulator at a time
       // next to dK / dV; the other warpgroups keep the tensor cores busy meanwhile).

@@ -551,6 +551,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         softmax(acc_s0, key_tile(w, slot, first), corr, scale, std::true_type{});
         pack_p(acc_s0, p_a[0]);  // O is still 0: no correction
         softmax_turn_end(row_sum[0] + row_sum[1]);
+        // Packed varlen: a sequence's last key tile (first in the walk) holds the next sequence's rows
+        // past its end. Their P is 0, but 0 x NaN / inf is NaN in P V: this consumer zeroes them in V
+        // before its P V (the other consumer writes the same zeros).
+        const int v_rows = seqlen_k - key_tile(w, slot, first) * kBlockN;
+        if (w.s.varlen && v_rows < kBlockN) {
+          mbar_wait(full_v(st_first), (v_first / kStages) & 1);
+          zero_tile_rows<KTile, 128>(sV0 + st_first * KTile::kBytes, v_rows, tid % 128);
+          fence_proxy_async();
+          named_sync(1 + kConsumers + c, 128);
+        }
       }
       // Visit i > first (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
       // P(i-1) V(i-1) (set kSet ^ 1), the softmax of S(i) runs while P V does, P(i) goes to set kSet

@@ -74,6 +74,17 @@ __device__ __forceinline__ float ld_volatile_shared_f32(uint32_t addr) {
   asm volatile("ld.volatile.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
   return v;
 }
+// Zeroes rows [row_begin, Tile::kRows) of a swizzled tile (Tile: SwizzledTile) at shared byte address
+// `tile`, by kThreads threads (tid = 0 .. kThreads - 1), 16 bytes per store. For the rows that a TMA load
+// brings from past a packed (varlen) sequence's end, i.e. the next sequence's: their probabilities are
+// 0, but 0 x NaN / inf is NaN in an MMA. The caller fences (the async proxy reads them) and synchronises.
+template <typename Tile, int kThreads>
+__device__ __forceinline__ void zero_tile_rows(uint32_t tile, int row_begin, int tid) {
+  for (int idx = row_begin * Tile::kChunks + tid; idx < Tile::kRows * Tile::kChunks; idx += kThreads) {
+    const uint32_t addr = tile + 2 * Tile::offset(idx / Tile::kChunks, 8 * (idx % Tile::kChunks));
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u) : "memory");
+  }
+}
 template <int kRegs>
 __device__ __forceinline__ void regs_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));

@@ -241,3 +241,40 @@ def test_varlen_with_empty_sequences(head_dim, causal):
             assert_within(f"seq{b} out", out[None, sq], ref, low, 2.0)
             check_grads(f"seq{b}", [dq[None, sq], dk[None, sk], dv[None, sk]], qb, kb, vb, dob, causal=causal,
                         scale=scale)  # fmt: skip
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_varlen_sequences_never_read_their_neighbours_rows(head_dim, causal):
+    """Packed sequences are independent: one sequence of NaN (q, k, v and dout) leaves every other
+    sequence's output and gradients finite and equal to the oracle's. The kernels' last tiles of the
+    sequence before it reach into its rows (lengths are not multiples of the 128-row tiles)."""
+    lens_q, lens_k = [150, 70, 200, 130], [90, 190, 250, 60]
+    poisoned = 2
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (x[0] for x in make_qkv(1, sum(lens_q), sum(lens_k), 4, 2, head_dim, torch.bfloat16, seed=5))
+    dout = torch.randn_like(q) + 0.5
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    sq_bad = slice(starts_q[poisoned], starts_q[poisoned + 1])
+    sk_bad = slice(starts_k[poisoned], starts_k[poisoned + 1])
+    for x, rows in ((q, sq_bad), (k, sk_bad), (v, sk_bad), (dout, sq_bad)):
+        x[rows] = math.nan
+    scale = 1.0 / math.sqrt(head_dim)
+    kwargs = dict(causal=causal, softmax_scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                  max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))  # fmt: skip
+    with torch.no_grad():
+        out = flash.flash_attention(q, k, v, **kwargs)
+    dq, dk, dv = flash_grads(q, k, v, dout, **kwargs)
+    for b in range(len(lens_q)):
+        if b == poisoned:
+            continue
+        sq, sk = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+        qb, kb, vb, dob = q[None, sq], k[None, sk], v[None, sk], dout[None, sq]
+        ref, _ = attention_fp32(qb, kb, vb, causal=causal, softmax_scale=scale)
+        low = attention_lowp(qb, kb, vb, causal=causal, softmax_scale=scale)
+        assert torch.isfinite(out[sq]).all(), f"seq{b} out: NaN from sequence {poisoned}"
+        assert_within(f"seq{b} out", out[None, sq], ref, low, 2.0)
+        got = [dq[None, sq], dk[None, sk], dv[None, sk]]
+        assert all(torch.isfinite(g).all() for g in got), f"seq{b} grads: NaN from sequence {poisoned}"
+        check_grads(f"seq{b}", got, qb, kb, vb, dob, causal=causal, scale=scale)
