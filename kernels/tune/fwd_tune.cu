@@ -2,11 +2,16 @@
 // sm90::FwdTraits variants of one head dim on bf16 random data with FlashAttention's benchmark shapes
 // (16k tokens, hidden 2048), dense and block-sparse (a seeded random mask of density 1/2), and checks
 // each against the first variant of its case. Each timed call follows a 256 MB cache flush, as in
-// bench/attention.py (--no-flush: back to back).
+// bench/attention.py (--no-flush: back to back). Environment: MASK=random|exact|samerow|stripes picks
+// the block-sparse case's mask (make_mask), ITERS the timed calls per case (default 30), and each
+// case's line ends with its timed loop's wall-clock span (ms since the epoch), to match against
+// `nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw -lms 20` samples.
 //   nvcc -O3 --use_fast_math -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DHDIM=128 [-DLONGCTX_FWD_TRACE] \
 //        -I kernels kernels/tune/fwd_tune.cu -o fwd_tune && ./fwd_tune
 #include <cstdio>
 #include <algorithm>
+#include <chrono>
+#include <random>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -100,8 +105,11 @@ void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
-  const int iters = 30;
+  const char* iters_env = std::getenv("ITERS");  // more iterations: long enough to sample the clocks
+  const int iters = iters_env != nullptr ? std::atoi(iters_env) : 30;
   std::vector<float> ms(iters);
+  const long long wall0 = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::system_clock::now().time_since_epoch()).count();
   for (int i = 0; i < iters; ++i) {
     // Like triton's do_bench (bench/attention.py): each call starts after a 256 MB write, with a cold L2.
     if (g_flush != nullptr) CK(cudaMemsetAsync(g_flush, 0, kFlushBytes));
@@ -111,6 +119,8 @@ void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
     cudaEventSynchronize(e1);
     cudaEventElapsedTime(&ms[i], e0, e1);
   }
+  const long long wall1 = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::system_clock::now().time_since_epoch()).count();
   std::sort(ms.begin(), ms.end());
   const float med = ms[iters / 2];
   float* d;
@@ -124,7 +134,8 @@ void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
   float diff = 0.f;
   CK(cudaMemcpy(&diff, d, 4, cudaMemcpyDeviceToHost));
   cudaFree(d);
-  printf("  %-30s %7.3f ms %6.1f TFLOP/s  maxdiff %.2e\n", name, med, flops / med * 1e-9, diff);
+  printf("  %-30s %7.3f ms %6.1f TFLOP/s  maxdiff %.2e  wall %lld-%lld\n", name, med, flops / med * 1e-9, diff,
+         wall0, wall1);
 #ifdef LONGCTX_FWD_TRACE
   print_trace(Tr::kConsumers);
 #endif
@@ -136,6 +147,38 @@ __global__ void fill_mask(uint8_t* m, size_t n, uint32_t seed) {  // keep about 
     h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
     m[i] = (h >> 7) & 1;
   }
+}
+
+// MASK=random (default; independent blocks, about half), exact (each row exactly half, random
+// positions), samerow (one random half per head, every row the same), stripes (the even key blocks).
+void make_mask(uint8_t* mask, int heads, int nb) {
+  const char* env = std::getenv("MASK");
+  const std::string kind = env != nullptr ? env : "random";
+  const size_t n = static_cast<size_t>(heads) * nb * nb;
+  if (kind == "random") {
+    fill_mask<<<1024, 256>>>(mask, n, 4);
+    return;
+  }
+  std::vector<uint8_t> h(n);
+  std::mt19937 rng(4);
+  std::vector<int> cols(nb);
+  for (int hd = 0; hd < heads; ++hd)
+    for (int r = 0; r < nb; ++r) {
+      uint8_t* row = &h[(static_cast<size_t>(hd) * nb + r) * nb];
+      if (kind == "stripes") {
+        for (int j = 0; j < nb; ++j) row[j] = j % 2 == 0;
+      } else if (kind == "samerow" && r > 0) {
+        std::copy(row - nb, row, row);
+      } else if (kind == "exact" || kind == "samerow") {
+        for (int j = 0; j < nb; ++j) cols[j] = j;
+        std::shuffle(cols.begin(), cols.end(), rng);
+        for (int j = 0; j < nb; ++j) row[cols[j]] = j < nb / 2;
+      } else {
+        printf("MASK must be random, exact, samerow or stripes, got %s\n", kind.c_str());
+        exit(2);
+      }
+    }
+  CK(cudaMemcpy(mask, h.data(), n, cudaMemcpyHostToDevice));
 }
 
 template <int D>
@@ -163,7 +206,7 @@ void sweep(const std::vector<int>& seqlens) {
         fill<<<1024, 256>>>(q, n, 1);
         fill<<<1024, 256>>>(k, n, 2);
         fill<<<1024, 256>>>(v, n, 3);
-        fill_mask<<<1024, 256>>>(mask, static_cast<size_t>(B) * H * nb * nb, 4);
+        if (sparse) make_mask(mask, B * H, nb);
         FlashFwdParams p{};
         p.q = q; p.k = k; p.v = v; p.o = o; p.lse = lse;
         p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.o_batch_stride = static_cast<int64_t>(S) * H * D;
