@@ -243,9 +243,10 @@ def test_varlen_with_empty_sequences(head_dim, causal):
                         scale=scale)  # fmt: skip
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_varlen_sequences_never_read_their_neighbours_rows(head_dim, causal):
+def test_varlen_sequences_never_read_their_neighbours_rows(head_dim, causal, deterministic):
     """Packed sequences are independent: one sequence of NaN (q, k, v and dout) leaves every other
     sequence's output and gradients finite and equal to the oracle's. The kernels' last tiles of the
     sequence before it reach into its rows (lengths are not multiples of the 128-row tiles)."""
@@ -262,7 +263,8 @@ def test_varlen_sequences_never_read_their_neighbours_rows(head_dim, causal):
         x[rows] = math.nan
     scale = 1.0 / math.sqrt(head_dim)
     kwargs = dict(causal=causal, softmax_scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                  max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))  # fmt: skip
+                  max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
+                  deterministic=deterministic)  # fmt: skip
     with torch.no_grad():
         out = flash.flash_attention(q, k, v, **kwargs)
     dq, dk, dv = flash_grads(q, k, v, dout, **kwargs)
