@@ -92,8 +92,17 @@ struct FwdTraits {
 __device__ unsigned g_fwd_trace[3][128][8];
 #define FWD_TRACE(k) \
   if (blockIdx.x == 0 && j == 2 && tid % 128 == 0 && i < 128) g_fwd_trace[c][i][k] = static_cast<unsigned>(clock())
+// And summed over every tile of every block (consumer 0): cycles of the tile's start (its slot and Q
+// waits, the first visit, the last tile's O store), of its other visits, of the epilogue's first half;
+// then the visits after the first and the tiles.
+__device__ unsigned long long g_fwd_phase[5];
+#define FWD_PHASE_ADD(k, v) \
+  if (c == 0 && tid % 128 == 0) atomicAdd(&g_fwd_phase[k], static_cast<unsigned long long>(v))
+#define FWD_CLOCK(var) var = clock64()
 #else
 #define FWD_TRACE(k)
+#define FWD_PHASE_ADD(k, v)
+#define FWD_CLOCK(var)
 #endif
 
 // Softmax modes of a visit (the consumers' main loop below).
@@ -353,8 +362,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
 
   int q_loads = 0, visits = 0;
+  [[maybe_unused]] long long ph_start = 0, ph_loop = 0, ph_epilogue = 0;  // LONGCTX_FWD_TRACE
   for (int j = 0;; ++j) {
     const int slot = j % 2;
+    FWD_CLOCK(ph_start);
     mbar_wait(tile_full(slot), (j / 2) & 1);
     const int t = tile_slot[slot];
     if (t >= num_tiles) break;
@@ -562,6 +573,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
           named_sync(1 + kConsumers + c, 128);
         }
       }
+      FWD_CLOCK(ph_loop);
+      FWD_PHASE_ADD(0, ph_loop - ph_start);
       // Visit i > first (key tile n_block, ring slot v = visits + i): one turn issues S(i) and
       // P(i-1) V(i-1) (set kSet ^ 1), the softmax of S(i) runs while P V does, P(i) goes to set kSet
       // (by the parity of i - first), then O's correction. Softmax modes: kMasked (hidden keys possible),
@@ -690,6 +703,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       fence_operand(acc_o);
       mbar_arrive_if(empty_v(st_prev), lane == 0);
       visits += n_visits;
+      FWD_CLOCK(ph_epilogue);
+      FWD_PHASE_ADD(1, ph_epilogue - ph_loop);
+      FWD_PHASE_ADD(3, n_visits - first - 1);
     }
     // Done with the slot (the tile's mask list): the producer may stage the tile after next there.
     mbar_arrive_if(tile_empty(slot), lane == 0);
@@ -721,6 +737,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     pending_t = t;
     pending_qb = qb;
+    FWD_PHASE_ADD(2, clock64() - ph_epilogue);
+    FWD_PHASE_ADD(4, 1);
   }
   store_o(pending_t, pending_qb, pending_t >= 0);  // the last tile's
   if (c == 0) named_sync(my_turn, kTurnThreads);  // the last hand-over

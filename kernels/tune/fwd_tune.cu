@@ -77,6 +77,12 @@ void print_trace(int consumers) {
     }
     printf("\n");
   }
+  unsigned long long ph[5];
+  CK(cudaMemcpyFromSymbol(ph, sm90::g_fwd_phase, sizeof(ph)));
+  if (ph[4] > 0)
+    printf("    every tile (consumer 0, %llu tiles, mean cycles): start %.0f, other visits %.0f (%.0f each), "
+           "epilogue %.0f\n", ph[4], double(ph[0]) / ph[4], double(ph[1]) / ph[4],
+           ph[3] ? double(ph[1]) / ph[3] : 0.0, double(ph[2]) / ph[4]);
   const unsigned t0 = tr[0][20][0];
   for (int i = 20; i < 24; ++i)
     for (int c = 0; c < consumers; ++c) {
@@ -98,6 +104,8 @@ void run(const char* name, FlashFwdParams p, bf16* ref, size_t n, float flops) {
 #ifdef LONGCTX_FWD_TRACE
   static const unsigned zeros[3][128][8] = {};  // no points left over from the case before
   CK(cudaMemcpyToSymbol(sm90::g_fwd_trace, zeros, sizeof(zeros)));
+  const unsigned long long phase_zeros[5] = {};
+  CK(cudaMemcpyToSymbol(sm90::g_fwd_phase, phase_zeros, sizeof(phase_zeros)));
 #endif
   for (int i = 0; i < 3; ++i) go();
   CK(cudaGetLastError());
