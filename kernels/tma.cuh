@@ -78,6 +78,7 @@ __device__ __forceinline__ float ld_volatile_shared_f32(uint32_t addr) {
 // `tile`, by kThreads threads (tid = 0 .. kThreads - 1), 16 bytes per store. For the rows that a TMA load
 // brings from past a packed (varlen) sequence's end, i.e. the next sequence's: their probabilities are
 // 0, but 0 x NaN / inf is NaN in an MMA. The caller fences (the async proxy reads them) and synchronises.
+// Needs 0 <= row_begin (a negative one would store before the tile).
 template <typename Tile, int kThreads>
 __device__ __forceinline__ void zero_tile_rows(uint32_t tile, int row_begin, int tid) {
   for (int idx = row_begin * Tile::kChunks + tid; idx < Tile::kRows * Tile::kChunks; idx += kThreads) {
