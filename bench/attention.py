@@ -179,6 +179,12 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def merge_rows(old: list[dict], new: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """--merge: the old rows whose key no new row has, then the new rows (same keys replaced)."""
+    fresh = {tuple(r[k] for k in key) for r in new}
+    return [r for r in old if tuple(r[k] for k in key) not in fresh] + new
+
+
 def bench_ms(fn: Callable[[], object], grad_to_none: list | None = None) -> float:
     from triton.testing import do_bench
 
@@ -403,9 +409,7 @@ def main() -> int:
     path = out_dir / "attention.json"
     if args.merge and path.exists():
         old = json.loads(path.read_text())
-        key = ("impl", "head_dim", "causal", "seqlen")
-        fresh = {tuple(r[k] for k in key) for r in rows}
-        rows = [r for r in old["speed"] if tuple(r[k] for k in key) not in fresh] + rows
+        rows = merge_rows(old["speed"], rows, ("impl", "head_dim", "causal", "seqlen"))
         memory = memory or old.get("memory", [])
     write_json(path, {"meta": meta, "speed": rows, "memory": memory})
     print("wrote", path, *plot(rows, memory, out_dir))

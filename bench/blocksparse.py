@@ -37,7 +37,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import HIDDEN, ROOT, bench_ms, compiled_flex, device_slug, is_oom, write_json  # noqa: E402
+from attention import (  # noqa: E402
+    HIDDEN,
+    ROOT,
+    bench_ms,
+    compiled_flex,
+    device_slug,
+    is_oom,
+    merge_rows,
+    write_json,
+)
 
 from longctx.ops import attention  # noqa: E402
 from longctx.ops.blocksparse import random_blocks, to_flex_block_mask  # noqa: E402
@@ -217,9 +226,8 @@ def main() -> int:
             "order": args.order}
     path = out_dir / "blocksparse.json"
     if args.merge and path.exists():
-        keys = {(r["impl"], r["head_dim"], r["seqlen"], r["density"]) for r in rows}
         old = json.loads(path.read_text())["rows"]
-        rows = [r for r in old if (r["impl"], r["head_dim"], r["seqlen"], r["density"]) not in keys] + rows
+        rows = merge_rows(old, rows, ("impl", "head_dim", "seqlen", "density"))
     write_json(path, {"meta": meta, "rows": rows})
     plot(rows, out_dir / "blocksparse.png")
     print("wrote", path, out_dir / "blocksparse.png")

@@ -98,10 +98,12 @@ __device__ unsigned g_fwd_trace[3][128][8];
 __device__ unsigned long long g_fwd_phase[5];
 #define FWD_PHASE_ADD(k, v) \
   if (c == 0 && tid % 128 == 0) atomicAdd(&g_fwd_phase[k], static_cast<unsigned long long>(v))
+#define FWD_PHASE_VARS long long ph_start = 0, ph_loop = 0, ph_epilogue = 0
 #define FWD_CLOCK(var) var = clock64()
 #else
 #define FWD_TRACE(k)
 #define FWD_PHASE_ADD(k, v)
+#define FWD_PHASE_VARS
 #define FWD_CLOCK(var)
 #endif
 
@@ -362,7 +364,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
 
   int q_loads = 0, visits = 0;
-  [[maybe_unused]] long long ph_start = 0, ph_loop = 0, ph_epilogue = 0;  // LONGCTX_FWD_TRACE
+  FWD_PHASE_VARS;
   for (int j = 0;; ++j) {
     const int slot = j % 2;
     FWD_CLOCK(ph_start);
