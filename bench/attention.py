@@ -10,6 +10,14 @@ PNG plots in the style of the FlashAttention paper's Figure 3, then prints a tab
 
     python bench/attention.py            # the full sweep
     python bench/attention.py --quick    # head dims 64/128, seqlen 1k/4k/16k, main peers
+    python bench/attention.py --impls longctx sdpa_cudnn --seqlens 2048 4096 --repeats 5
+
+With --repeats R every case (head dim, causal, seqlen) runs R rounds back to back, each round every
+impl in turn (reversed in odd rounds), and a case's time is the median over its rounds (each round's
+time kept in the row as fwd_ms_rounds / bwd_ms_rounds). On the H100 one do_bench median of the same
+kernel moves by several percent between runs, because the clock follows the power draw (run s9-3,
+power_probe_s9.json); the ratio of two impls timed in the same round moves less, and the table also
+prints the lowest and highest per-round ratio to cuDNN.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -185,6 +194,46 @@ def merge_rows(old: list[dict], new: list[dict], key: tuple[str, ...]) -> list[d
     return [r for r in old if tuple(r[k] for k in key) not in fresh] + new
 
 
+def median_row(rounds: list[dict], keys: tuple[str, ...] = ("fwd_ms", "bwd_ms")) -> dict:
+    """One case over its rounds: the first round's row with each of `keys` the median of the rounds
+    that have it (and every round's value kept as <key>_rounds); a case that failed in every round
+    keeps its error, one that failed in some rounds lists their errors as error_rounds."""
+    row = dict(rounds[0])
+    for key in keys:
+        values = [r[key] for r in rounds if key in r]
+        if values:
+            row[key] = statistics.median(values)
+            if len(rounds) > 1:
+                row[f"{key}_rounds"] = values
+    if len(rounds) > 1:
+        row["rounds"] = len(rounds)
+        errors = [r["error"] for r in rounds if "error" in r]
+        if errors and any(key in row for key in keys):
+            row["error_rounds"] = errors
+            row.pop("error", None)
+    return row
+
+
+def round_impls(impls: list[str], round_no: int) -> list[str]:
+    """The impls of one round of a case: in the given order in even rounds, reversed in odd ones, so
+    that no impl always runs right after the same other one (the clock follows the power draw of what
+    ran just before)."""
+    return list(impls) if round_no % 2 == 0 else list(reversed(impls))
+
+
+def with_tflops(row: dict) -> dict:
+    """Fills the TF/s columns from the row's (median) times: forward 4 B H S^2 D (halved when causal),
+    backward 2.5x that, forward + backward the sum of the two times."""
+    fwd_flops = flops_fwd(row["batch"], row["heads"], row["seqlen"], row["head_dim"], row["causal"])
+    if "fwd_ms" in row:
+        row["fwd_tflops"] = fwd_flops / row["fwd_ms"] * 1e-9
+    if "fwd_ms" in row and "bwd_ms" in row:
+        row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] * 1e-9
+        row["fwdbwd_ms"] = row["fwd_ms"] + row["bwd_ms"]
+        row["fwdbwd_tflops"] = 3.5 * fwd_flops / row["fwdbwd_ms"] * 1e-9
+    return row
+
+
 def bench_ms(fn: Callable[[], object], grad_to_none: list | None = None) -> float:
     from triton.testing import do_bench
 
@@ -213,10 +262,8 @@ def run_speed(impl: str, head_dim: int, causal: bool, seqlen: int, backward: boo
         )
         with torch.no_grad():
             fn(q, k, v)  # compile / build / warm
-        fwd_flops = flops_fwd(batch, heads, seqlen, head_dim, causal)
         with torch.no_grad():
             row["fwd_ms"] = bench_ms(lambda: fn(q, k, v))
-        row["fwd_tflops"] = fwd_flops / row["fwd_ms"] * 1e-9
         if backward:
             try:
                 out = fn(q, k, v)
@@ -225,16 +272,13 @@ def run_speed(impl: str, head_dim: int, causal: bool, seqlen: int, backward: boo
                 row["bwd_ms"] = bench_ms(
                     lambda: out.backward(grad, retain_graph=True), grad_to_none=[q, k, v]
                 )
-                row["bwd_tflops"] = 2.5 * fwd_flops / row["bwd_ms"] * 1e-9
-                row["fwdbwd_ms"] = row["fwd_ms"] + row["bwd_ms"]
-                row["fwdbwd_tflops"] = 3.5 * fwd_flops / row["fwdbwd_ms"] * 1e-9
             except Exception as err:  # e.g. no backward kernel yet
                 row["bwd_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     except Exception as err:
         row["error"] = "OOM" if is_oom(err) else f"{type(err).__name__}: {str(err)[:300]}"
     finally:
         torch.cuda.empty_cache()
-    return row
+    return with_tflops(row)
 
 
 def run_memory(impl: str, seqlen: int) -> dict:
@@ -325,12 +369,28 @@ def plot(rows: list[dict], memory: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+def round_ratios(a: dict, b: dict, phase: str) -> list[float]:
+    """b's time over a's in each round of a case (speed-up of a over b), when both rows kept every
+    round's time of `phase` ("fwd" / "bwd"); empty otherwise."""
+    ta, tb = a.get(f"{phase}_ms_rounds", []), b.get(f"{phase}_ms_rounds", [])
+    if len(ta) < 2 or not len(ta) == len(tb) == a.get("rounds") == b.get("rounds"):
+        return []
+    return [y / x for x, y in zip(ta, tb)]
+
+
+def ratio_spread(a: dict, b: dict, phase: str) -> str:
+    """'lowest-highest' of round_ratios, or '-'."""
+    values = round_ratios(a, b, phase)
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
+
+
 def print_table(rows: list[dict]) -> None:
-    """Ratios of longctx to sdpa flash and cuDNN per config (the stage-1 target lines)."""
+    """Ratios of longctx to sdpa flash and cuDNN per config (the stage-1 target lines); with rounds,
+    also the lowest and highest per-round ratio to cuDNN."""
     by_key = {(r["impl"], r["head_dim"], r["causal"], r["seqlen"]): r for r in rows}
     print(
-        f"{'impl':>12} {'D':>4} {'causal':>6} {'seqlen':>6} | {'fwd TF/s':>8} {'x fa2':>6} {'x cudnn':>7} | "
-        f"{'bwd TF/s':>8} {'x fa2':>6} {'x cudnn':>7}"
+        f"{'impl':>12} {'D':>4} {'causal':>6} {'seqlen':>6} | {'fwd TF/s':>8} {'x fa2':>6} {'x cudnn':>7} "
+        f"{'rounds':>9} | {'bwd TF/s':>8} {'x fa2':>6} {'x cudnn':>7} {'rounds':>9}"
     )
     for (impl, d, causal, s), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
         if impl not in ("longctx", "longctx_sm80"):
@@ -349,7 +409,8 @@ def print_table(rows: list[dict]) -> None:
         cells = [f"{impl:>12} {d:>4} {causal!s:>6} {s:>6} |"]
         for phase in ("fwd", "bwd"):
             key = f"{phase}_tflops"
-            cells.append(f"{val(r, key):>8} {ratio(r, fa2, key):>6} {ratio(r, cudnn, key):>7} |")
+            spread = ratio_spread(r, cudnn, phase)
+            cells.append(f"{val(r, key):>8} {ratio(r, fa2, key):>6} {ratio(r, cudnn, key):>7} {spread:>9} |")
         print(" ".join(cells)[:-2])
 
 
@@ -368,7 +429,12 @@ def main() -> int:
     parser.add_argument(
         "--merge", action="store_true", help="add to an existing attention.json (same keys replaced)"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds per case, impls interleaved; the median is kept"
+    )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     impls = args.impls or (QUICK_IMPLS if args.quick else ALL_IMPLS)
     seqlens = args.seqlens or ((1024, 4096, 16384) if args.quick else SEQLENS)
@@ -380,16 +446,21 @@ def main() -> int:
     for d in args.head_dims:
         for causal in causals:
             for s in seqlens:
-                for impl in impls:
-                    t0 = time.time()
-                    row = run_speed(impl, d, causal, s, backward=not args.no_bwd)
-                    rows.append(row)
-                    msg = (
-                        row.get("error") or f"fwd {row['fwd_tflops']:.0f} bwd {row.get('bwd_tflops', 0):.0f}"
-                    )
-                    print(
-                        f"{impl:>15} D={d} causal={causal} S={s}: {msg} ({time.time() - t0:.1f}s)", flush=True
-                    )
+                rounds: dict[str, list[dict]] = {impl: [] for impl in impls}
+                for r in range(args.repeats):
+                    for impl in round_impls(impls, r):
+                        t0 = time.time()
+                        row = run_speed(impl, d, causal, s, backward=not args.no_bwd)
+                        rounds[impl].append(row)
+                        msg = row.get("error") or (
+                            f"fwd {row['fwd_tflops']:.0f} bwd {row.get('bwd_tflops', 0):.0f}"
+                        )
+                        tag = f" round {r + 1}" if args.repeats > 1 else ""
+                        print(
+                            f"{impl:>15} D={d} causal={causal} S={s}{tag}: {msg} ({time.time() - t0:.1f}s)",
+                            flush=True,
+                        )
+                rows += [with_tflops(median_row(case)) for case in rounds.values()]
     memory = []
     if not args.no_memory:
         for impl in ("longctx", "standard"):
@@ -404,7 +475,8 @@ def main() -> int:
         "dtype": "bfloat16",
         "tokens": TOKENS,
         "hidden": HIDDEN,
-        "timing": "triton.testing.do_bench median",
+        "timing": "triton.testing.do_bench median; with --repeats the median of the rounds (*_rounds)",
+        "repeats": args.repeats,
     }
     path = out_dir / "attention.json"
     if args.merge and path.exists():

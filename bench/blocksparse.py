@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from attention import (  # noqa: E402
     compiled_flex,
     device_slug,
     is_oom,
+    median_row,
     merge_rows,
     write_json,
 )
@@ -120,25 +120,6 @@ def timed_case(impl: str, head_dim: int, seqlen: int, density: float, round_no: 
     msg = row.get("error") or f"fwd {row['fwd_ms']:.2f} ms bwd {row.get('bwd_ms', 0):.2f} ms"
     print(f"{impl:>8} D={head_dim} S={seqlen} density={density:g} round {round_no}: {msg} "
           f"({time.time() - t0:.1f}s)", flush=True)
-    return row
-
-
-def median_row(rounds: list[dict]) -> dict:
-    """One case over its rounds: the first round's row with fwd_ms / bwd_ms the median of the rounds
-    that have them (and every round's value kept); a case that failed in every round keeps its error."""
-    row = dict(rounds[0])
-    for key in ("fwd_ms", "bwd_ms"):
-        values = [r[key] for r in rounds if key in r]
-        if values:
-            row[key] = statistics.median(values)
-            if len(rounds) > 1:
-                row[f"{key}_rounds"] = values
-    if len(rounds) > 1:
-        row["rounds"] = len(rounds)
-        errors = [r["error"] for r in rounds if "error" in r]
-        if errors and "fwd_ms" in row:
-            row["error_rounds"] = errors
-            row.pop("error", None)
     return row
 
 

@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -169,6 +170,17 @@ std::pair<Tensor, Tensor> same_strides(const Tensor& k, const Tensor& v) {
   return {k.contiguous(), v.contiguous()};
 }
 
+// The stream the caller passes (flash.py: the current stream of q's device). Outputs and workspaces
+// come from torch's caching allocator, which ties them to the device's current stream, and the zero
+// fills below run there too: the kernels must launch on that same stream.
+cudaStream_t launch_stream(const Tensor& q, int64_t stream) {
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  TORCH_CHECK_VALUE(s == c10::cuda::getCurrentCUDAStream(q.get_device()).stream(),
+                    "stream: must be the current CUDA stream of ", q.device(),
+                    " (outputs and workspaces are allocated on it)");
+  return s;
+}
+
 std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k_in, const Tensor& v_in,
                                        const c10::optional<Tensor>& cu_q, const c10::optional<Tensor>& cu_k,
                                        int64_t max_q, int64_t max_k, double p_drop, double scale, bool causal,
@@ -181,6 +193,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k_in, cons
   TORCH_CHECK_VALUE(!(return_mask && varlen), "cu_seqlens_q: the dropout-mask debug op takes padded batches only");
   TORCH_CHECK_VALUE(!return_mask || p_drop > 0, "dropout_p: the dropout-mask debug op needs dropout_p > 0");
   c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t launch = launch_stream(q, stream);
 
   Tensor out = at::empty(q.sizes(), q.options());
   const int64_t hq = q.size(-2);
@@ -197,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd(const Tensor& q, const Tensor& k_in, cons
     p.dropout_mask = mask.data_ptr<uint8_t>();
   }
   if (q.numel() > 0) {
-    longctx::run_flash_fwd(p, reinterpret_cast<cudaStream_t>(stream));
+    longctx::run_flash_fwd(p, launch);
     const cudaError_t err = cudaGetLastError();
     TORCH_CHECK(err == cudaSuccess, "flash_fwd kernel launch failed: ", cudaGetErrorString(err));
   }
@@ -223,6 +236,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, c
   TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.device() == q.device(),
                     "lse: must be the forward's float32 log-sum-exp");
   c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t launch = launch_stream(q, stream);
   // Same 16-byte rules as q for dout (a gradient may arrive with any strides).
   Tensor dout = dout_in;
   bool ok = dout.stride(-1) == 1 && reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0;
@@ -277,7 +291,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout_in, const Tensor& q, c
   p.dv_head_stride = dv.stride(r + 1);
   p.deterministic = deterministic;
   if (q.numel() > 0 && k.numel() > 0) {
-    longctx::run_flash_bwd(p, reinterpret_cast<cudaStream_t>(stream));
+    longctx::run_flash_bwd(p, launch);
     const cudaError_t err = cudaGetLastError();
     TORCH_CHECK(err == cudaSuccess, "flash_bwd kernel launch failed: ", cudaGetErrorString(err));
   } else {

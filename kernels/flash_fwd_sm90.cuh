@@ -560,14 +560,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         wgmma_wait<0>();
         fence_operand(acc_s0);
         mbar_arrive_if(empty_k(st_first), lane == 0);
+        const int first_tile = key_tile(w, slot, first);
         const float scale = softmax_turn_begin();
-        softmax(acc_s0, key_tile(w, slot, first), corr, scale, std::true_type{});
+        softmax(acc_s0, first_tile, corr, scale, std::true_type{});
         pack_p(acc_s0, p_a[0]);  // O is still 0: no correction
         softmax_turn_end(row_sum[0] + row_sum[1]);
         // Packed varlen: a sequence's last key tile (first in the walk) holds the next sequence's rows
         // past its end. Their P is 0, but 0 x NaN / inf is NaN in P V: this consumer zeroes them in V
         // before its P V (the other consumer writes the same zeros).
-        const int v_rows = seqlen_k - key_tile(w, slot, first) * kBlockN;
+        const int v_rows = seqlen_k - first_tile * kBlockN;
         if (w.s.varlen && v_rows < kBlockN) {
           mbar_wait(full_v(st_first), (v_first / kStages) & 1);
           zero_tile_rows<KTile, 128>(sV0 + st_first * KTile::kBytes, v_rows, tid % 128);

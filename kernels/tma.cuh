@@ -82,7 +82,7 @@ __device__ __forceinline__ float ld_volatile_shared_f32(uint32_t addr) {
 template <typename Tile, int kThreads>
 __device__ __forceinline__ void zero_tile_rows(uint32_t tile, int row_begin, int tid) {
   for (int idx = row_begin * Tile::kChunks + tid; idx < Tile::kRows * Tile::kChunks; idx += kThreads) {
-    const uint32_t addr = tile + 2 * Tile::offset(idx / Tile::kChunks, 8 * (idx % Tile::kChunks));
+    const uint32_t addr = tile + Tile::byte_offset(idx / Tile::kChunks, idx % Tile::kChunks);
     asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u) : "memory");
   }
 }

@@ -400,3 +400,30 @@ def test_cpp_boundary_raises_value_error():
         done.stdout,
         done.stderr[-3000:],
     )
+
+
+def test_a_side_stream_gives_the_default_streams_results():
+    q, k, v = (x.requires_grad_() for x in make_qkv(2, 700, 700, 4, 4, 128, torch.bfloat16, seed=21))
+    grad = torch.randn_like(q)
+
+    def run():
+        out = flash.flash_attention(q, k, v, causal=True, deterministic=True)  # dQ in a fixed order
+        return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    expected = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = run()
+    torch.cuda.current_stream().wait_stream(side)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_a_stream_other_than_the_current_one_is_refused():
+    q, k, v = make_qkv(1, 64, 64, 2, 2, 64, torch.float16, seed=22)
+    other = torch.cuda.Stream()
+    with pytest.raises(ValueError, match="stream: must be the current CUDA stream"):
+        torch.ops.longctx_C.fwd(
+            q, k, v, None, None, 64, 64, 0.0, 0.125, False, None, False, None, other.cuda_stream
+        )
