@@ -70,10 +70,17 @@ def host_us(fn, calls: int = 20) -> float:
     return 1e6 * sorted(times)[calls // 2]
 
 
-def probe_cases(head_dims: list[int], seqlens: list[int], with_raw: bool = False):
+def probe_cases(
+    head_dims: list[int],
+    seqlens: list[int],
+    with_raw: bool = False,
+    causals: tuple[bool, ...] = (False, True),
+    requires_grad: bool = False,
+):
     """(head_dim, causal, seqlen, impl name, call) for each case and implementation, on fresh
-    FlashAttention-shaped inputs (16k tokens, hidden 2048, bf16): longctx, (with_raw) its C++ operator
-    without the Python custom op around it, and SDPA's cuDNN backend."""
+    FlashAttention-shaped inputs (16k tokens, hidden 2048, bf16; leaves that require grad if asked):
+    longctx, (with_raw) its C++ operator without the Python custom op around it, and SDPA's cuDNN
+    backend. call is a functools.partial of (q, k, v, causal)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from longctx.ops import flash
@@ -95,11 +102,14 @@ def probe_cases(head_dims: list[int], seqlens: list[int], with_raw: bool = False
         impls["longctx_C"] = raw
     impls["sdpa_cudnn"] = cudnn
     for head_dim in head_dims:
-        for causal in (False, True):
+        for causal in causals:
             for seqlen in seqlens:
                 batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
                 q, k, v = (
-                    torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+                    torch.randn(
+                        batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=requires_grad,
+                    )
                     for _ in range(3)
                 )
                 for name, impl in impls.items():

@@ -4,11 +4,13 @@ before every call) and back to back, while `nvidia-smi` samples clocks.sm and po
 Shows whether two kernels that run at different speeds also run at different clocks (power limits).
 
     python bench/power_probe.py [--seqlens 2048 16384] [--head-dims 128] [--seconds 3] [--out DIR]
+    python bench/power_probe.py --backward --causal no    # the backward (autograd.grad of a kept graph)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
@@ -62,23 +64,32 @@ def main() -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--backward", action="store_true", help="loop the backward instead of the forward")
+    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     args = parser.parse_args()
+    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     rows = []
     header = ("impl", "D", "causal", "seqlen", "pattern", "ms/call", "MHz", "W")
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, (10, 4, 6, 6, 12, 8, 6, 5))))
-    for head_dim, causal, seqlen, name, call in probe_cases(args.head_dims, args.seqlens):
+    cases = probe_cases(args.head_dims, args.seqlens, causals=causals, requires_grad=args.backward)
+    for head_dim, causal, seqlen, name, call in cases:
+        if args.backward:  # dq, dk, dv of one forward's graph, kept: every call is the backward alone
+            out, leaves = call(), call.args[:3]
+            grad = torch.randn_like(out)
+            call = functools.partial(torch.autograd.grad, out, leaves, grad, retain_graph=True)
         patterns = {"flush+call": lambda c=call: (flush.zero_(), c()), "back-to-back": call}
         for pattern, run in patterns.items():
-            with torch.no_grad():
+            with torch.set_grad_enabled(args.backward):
                 row = dict(impl=name, head_dim=head_dim, causal=causal, seqlen=seqlen, pattern=pattern)
+                row["phase"] = "bwd" if args.backward else "fwd"
                 row.update(sampled(run, args.seconds))
             rows.append(row)
             print(
                 f"{name:>10} {head_dim:>4} {causal!s:>6} {seqlen:>6} {pattern:>12} "
                 f"{row['ms_per_call']:>8.3f} {row['sm_mhz']:>6.0f} {row['watts']:>5.0f}"
             )
-    write_rows(args.out, "power_probe.json", rows)
+    write_rows(args.out, f"power_probe_{'bwd' if args.backward else 'fwd'}.json", rows)
     return 0
 
 

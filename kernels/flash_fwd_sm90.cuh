@@ -151,6 +151,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // Causal tiles differ in length: they come in windows of (head, batch) pairs whose K / V fit a share
   // of L2, and by length within a window (tile_order.cuh).
   const int num_m = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  // Causal with three consumers (192-row tiles), padded batches: the query tiles end at the sequence's
+  // end (row0 = 192 m - row_shift), so that the partial tile is the top one, which sees one or two key
+  // tiles, not the bottom one, which sees them all with one or two of its consumers idle (at 2k the
+  // bottom tile had 128 rows and 16 visits). row_shift is a multiple of 64: a consumer's rows are all
+  // before the start (it skips the tile, as past the end) or none are. Varlen keeps row_shift = 0 (a
+  // shift per sequence, and the rows before one are another sequence's).
+  constexpr bool kEndAligned = kIsCausal && kConsumers == 3;  // (the other kernels' code stays as it was)
+  const int row_shift = kEndAligned && p.cu_seqlens_q == nullptr ? (num_m * kBlockM - p.seqlen_q) / 64 * 64 : 0;
   const int num_hb = p.num_heads_q * p.batch;
   const int num_tiles = num_m * num_hb;
   const int window = tile_window(int64_t{4} * D * p.seqlen_k, num_hb, Tr::kWindowBytes);
@@ -170,7 +178,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     const int h = hb % p.num_heads_q, b = hb / p.num_heads_q;
     TileInfo w{SeqInfo(p, b), num_m - 1 - m_idx, h, b, 0, 0};
-    w.row0 = w.m_block * kBlockM;
+    w.row0 = w.m_block * kBlockM - row_shift;  // negative for the top tile when row_shift > 0 (TMA zero-fills)
     const int diag = w.s.seqlen_k - w.s.seqlen_q;  // query i sees keys j <= i + diag (causal)
     w.n_block_max = (w.s.seqlen_k + kBlockN - 1) / kBlockN;
     if (kIsCausal) {
@@ -353,7 +361,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int it = 0; it < 64 * kChunks / 128; ++it) {
       const int idx = it * 128 + opaque(tid % 128);
       const int r = 64 * c + idx / kChunks, col = 8 * (idx % kChunks);
-      if (valid && we.row0 + r < s.seqlen_q)
+      if (valid && (!kEndAligned || we.row0 + r >= 0) && we.row0 + r < s.seqlen_q)
         *reinterpret_cast<uint4*>(o_ptr + static_cast<int64_t>(we.row0 + r) * p.o_row_stride + col) =
             *reinterpret_cast<const uint4*>(sO + QTile::offset(r, col));
     }
@@ -387,7 +395,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // a turn without GEMMs, releasing the ring slots.
     const int my_row0 = __shfl_sync(0xffffffffu, row0 + 64 * c, 0);  // warp-uniform (see `first`)
     int first = 0;
-    if (my_row0 >= seqlen_q) {
+    if (my_row0 >= seqlen_q || (kEndAligned && my_row0 < 0)) {  // past the end, or before the start
       first = n_visits;
     } else if (kIsCausal) {
       const int last_key = min(my_row0 + 63, seqlen_q - 1) + diag;
@@ -729,7 +737,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const bool empty = !(l > 0.f);
       const float inv = empty ? 0.f : 1.f / l;
       const int r = row_e + 8 * hh;
-      if (t4_e == 0 && we.row0 + r < s.seqlen_q)
+      if (t4_e == 0 && (!kEndAligned || we.row0 + r >= 0) && we.row0 + r < s.seqlen_q)
         lse_ptr[we.row0 + r] = empty ? -INFINITY : (row_max[hh] + __log2f(l)) * 0.69314718055994531f;
 #pragma unroll
       for (int jj = 0; jj < D / 8; ++jj) {

@@ -403,12 +403,13 @@ def test_cpp_boundary_raises_value_error():
 
 
 def test_a_side_stream_gives_the_default_streams_results():
-    q, k, v = (x.requires_grad_() for x in make_qkv(2, 700, 700, 4, 4, 128, torch.bfloat16, seed=21))
-    grad = torch.randn_like(q)
+    qkv = make_qkv(2, 700, 700, 4, 4, 128, torch.bfloat16, seed=21)
+    grad = torch.randn_like(qkv[0])
 
-    def run():
-        out = flash.flash_attention(q, k, v, causal=True, deterministic=True)  # dQ in a fixed order
-        return (out, *torch.autograd.grad(out, (q, k, v), grad))
+    def run():  # fresh leaves on the stream that runs: their autograd nodes belong to it
+        leaves = [x.detach().requires_grad_() for x in qkv]
+        out = flash.flash_attention(*leaves, causal=True, deterministic=True)  # dQ in a fixed order
+        return (out, *torch.autograd.grad(out, leaves, grad))
 
     expected = run()
     side = torch.cuda.Stream()
