@@ -1,7 +1,8 @@
-"""SM clock and board power while an attention forward runs: each implementation is called in a loop
-for a few seconds, in the pattern bench/attention.py times (triton's do_bench: a 256 MB cache flush
-before every call) and back to back, while `nvidia-smi` samples clocks.sm and power.draw every 20 ms.
-Shows whether two kernels that run at different speeds also run at different clocks (power limits).
+"""SM clock and board power while an attention forward (with --backward: backward) runs: each
+implementation is called in a loop for a few seconds, in the pattern bench/attention.py times
+(triton's do_bench: a 256 MB cache flush before every call) and back to back, while `nvidia-smi`
+samples clocks.sm and power.draw every 20 ms. Shows whether two kernels that run at different speeds
+also run at different clocks (power limits).
 
     python bench/power_probe.py [--seqlens 2048 16384] [--head-dims 128] [--seconds 3] [--out DIR]
     python bench/power_probe.py --backward --causal no    # the backward (autograd.grad of a kept graph)
