@@ -54,6 +54,7 @@ ALL_IMPLS = (
     "standard",
 )
 QUICK_IMPLS = ("longctx", "sdpa_flash", "sdpa_cudnn", "flex")
+CAUSAL_CHOICES = {"both": (False, True), "yes": (True,), "no": (False,)}  # --causal
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -194,10 +195,11 @@ def merge_rows(old: list[dict], new: list[dict], key: tuple[str, ...]) -> list[d
     return [r for r in old if tuple(r[k] for k in key) not in fresh] + new
 
 
-def median_row(rounds: list[dict], keys: tuple[str, ...] = ("fwd_ms", "bwd_ms")) -> dict:
-    """One case over its rounds: the first round's row with each of `keys` the median of the rounds
+def median_row(rounds: list[dict]) -> dict:
+    """One case over its rounds: the first round's row with fwd_ms / bwd_ms the median of the rounds
     that have it (and every round's value kept as <key>_rounds); a case that failed in every round
     keeps its error, one that failed in some rounds lists their errors as error_rounds."""
+    keys = ("fwd_ms", "bwd_ms")
     row = dict(rounds[0])
     for key in keys:
         values = [r[key] for r in rounds if key in r]
@@ -422,7 +424,7 @@ def main() -> int:
     parser.add_argument("--impls", nargs="+", choices=ALL_IMPLS)
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--seqlens", nargs="+", type=int)
-    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    parser.add_argument("--causal", choices=list(CAUSAL_CHOICES), default="both")
     parser.add_argument("--no-bwd", action="store_true", help="forward only")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory sweep")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device>)")
@@ -438,7 +440,7 @@ def main() -> int:
 
     impls = args.impls or (QUICK_IMPLS if args.quick else ALL_IMPLS)
     seqlens = args.seqlens or ((1024, 4096, 16384) if args.quick else SEQLENS)
-    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    causals = CAUSAL_CHOICES[args.causal]
     out_dir = args.out or ROOT / "bench" / "results" / device_slug()
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import CAUSAL_CHOICES  # noqa: E402
 from l2_probe import probe_cases, write_rows  # noqa: E402
 
 
@@ -66,9 +67,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--backward", action="store_true", help="loop the backward instead of the forward")
-    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    parser.add_argument("--causal", choices=list(CAUSAL_CHOICES), default="both")
     args = parser.parse_args()
-    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    causals = CAUSAL_CHOICES[args.causal]
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
     rows = []
     header = ("impl", "D", "causal", "seqlen", "pattern", "ms/call", "MHz", "W")

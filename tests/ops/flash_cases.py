@@ -49,13 +49,18 @@ def make_qkv(
     return draw(seqlen_q, heads_q), draw(seqlen_k, heads_k), draw(seqlen_k, heads_k)
 
 
+def cu_seqlens(lengths, device: str = "cuda") -> Tensor:
+    """int32 prefix sums [0, l0, l0 + l1, ...] of packed sequence lengths (a list or tensor)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.as_tensor(lengths), 0)
+    return cu.to(device)
+
+
 def random_cu_seqlens(batch: int, max_len: int, seed: int, min_len: int = 1) -> tuple[Tensor, int]:
     """int32 CUDA prefix sums of `batch` random lengths in [min_len, max_len], and the longest."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (batch,), generator=g)
-    cu = torch.zeros(batch + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
-    return cu.cuda(), int(lengths.max())
+    return cu_seqlens(lengths), int(lengths.max())
 
 
 def attention_lowp(

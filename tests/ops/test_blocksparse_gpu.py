@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from flash_cases import assert_within, dtype_id, make_qkv
+from flash_cases import assert_within, cu_seqlens, dtype_id, make_qkv
 from torch import Tensor
 
 from longctx.ops import attention
@@ -207,7 +207,7 @@ def test_varlen_each_sequence_uses_its_own_mask(causal):
     lengths = [700, 129, 1000, 1]
     total, max_len = sum(lengths), max(lengths)
     q, k, v = (x[0] for x in make_qkv(1, total, total, 4, 2, 64, torch.bfloat16, seed=21))
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu = cu_seqlens(lengths)
     nb = -(-max_len // 128)
     g = torch.Generator(device="cuda").manual_seed(3)
     mask = torch.rand(len(lengths), 4, nb, nb, generator=g, device="cuda") < 0.5

@@ -20,6 +20,7 @@ from flash_cases import (
     assert_within,
     attention_fp32,
     attention_lowp,
+    cu_seqlens,
     dtype_id,
     make_qkv,
     random_cu_seqlens,
@@ -216,8 +217,8 @@ def test_varlen_with_empty_sequences(head_dim, causal):
     tile), grouped-query heads: the others match the oracle; queries without keys give 0 and lse -inf,
     keys without queries get zero gradients."""
     lens_q, lens_k = [0, 37, 0, 200, 1, 130], [5, 0, 0, 130, 64, 200]
-    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu_q = cu_seqlens(lens_q)
+    cu_k = cu_seqlens(lens_k)
     total_q, total_k = sum(lens_q), sum(lens_k)
     q, k, v = (x[0] for x in make_qkv(1, total_q, total_k, 4, 2, head_dim, torch.bfloat16, seed=head_dim))
     dout = torch.randn_like(q) + 0.5
@@ -252,8 +253,8 @@ def test_varlen_sequences_never_read_their_neighbours_rows(head_dim, causal, det
     sequence before it reach into its rows (lengths are not multiples of the 128-row tiles)."""
     lens_q, lens_k = [150, 70, 200, 130], [90, 190, 250, 60]
     poisoned = 2
-    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu_q = cu_seqlens(lens_q)
+    cu_k = cu_seqlens(lens_k)
     q, k, v = (x[0] for x in make_qkv(1, sum(lens_q), sum(lens_k), 4, 2, head_dim, torch.bfloat16, seed=5))
     dout = torch.randn_like(q) + 0.5
     starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
